@@ -1,0 +1,178 @@
+"""Command-line entry points; each command is observe -> plan -> (diff -> apply) -> report.
+
+Exit codes: 0 success (for ``apply`` and ``status``: the kernel holds exactly the plan),
+1 a runtime failure or drift, 2 bad usage or a refused plan (nothing was changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from dnsguard import __version__
+from dnsguard.agent import Agent
+from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
+from dnsguard.facts import Observed, observe
+from dnsguard.logs import setup_logging
+from dnsguard.model import Backend, Family
+from dnsguard.netfilter import Netfilter, NetfilterError, SubprocessRunner, cleanup, inventory
+from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
+from dnsguard.netfilter.nft import NftBackend
+from dnsguard.netfilter.runner import Runner
+from dnsguard.node.detect import node_families
+from dnsguard.plan import Plan, PlanRefused, plan
+
+__all__ = ["main"]
+
+log = logging.getLogger("dnsguard")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"dnsguard: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dnsguard", description="Keep Kubernetes DNS out of conntrack's races.")
+    p.add_argument("--version", action="version", version=f"dnsguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    helps = {
+        "plan": "print the rules dnsguard would own; change nothing",
+        "apply": "reconcile once and exit; 0 when the kernel holds exactly the plan",
+        "run": "the agent: reconcile now and every --sync-interval; SIGTERM cleans up",
+        "cleanup": "remove everything dnsguard owns, and nothing else",
+        "status": "what is installed, in sync or not, and why",
+    }
+    for name, text in helps.items():
+        sp = sub.add_parser(name, help=text, description=text)
+        add_fact_flags(sp)
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner = runner or SubprocessRunner()
+    try:
+        settings = settings_from(args)
+        setup_logging(settings.log_format)
+        command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
+                   "cleanup": cmd_cleanup, "status": cmd_status}[args.command]
+        return command(args, settings, runner)
+    except (ConfigError, PlanRefused) as exc:
+        print(f"dnsguard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NetfilterError as exc:
+        print(f"dnsguard: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _observe_and_plan(settings: Settings, runner: Runner) -> tuple[Observed, Plan]:
+    obs = observe(settings, runner)
+    for note in obs.notes:
+        log.info("%s", note)
+    return obs, plan(obs.facts, settings)
+
+
+def render_plan(p: Plan, backend: Backend) -> str:
+    """The plan as the exact transaction dnsguard would run on an empty node."""
+    if backend is Backend.NFTABLES:
+        return NftBackend.desired(p) or "# nothing to own\n"
+    out: list[str] = []
+    for rs in p.rulesets:
+        tool = "iptables" if rs.family is Family.V4 else "ip6tables"
+        flavour = backend.value.split("-")[1]
+        out.append(f"# ipv{rs.family.value}: {tool}-{flavour}-restore --noflush")
+        for table, want in desired_tables(p, rs.family).items():
+            out.append(restore_text(table, want, TableState()).rstrip("\n"))
+    return "\n".join(out) + "\n" if out else "# nothing to own\n"
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    obs, p = _observe_and_plan(settings, runner)
+    print(f"# proxy mode {obs.facts.proxy_mode.value}, backend {obs.backend.value}, "
+          f"{p.rule_count} rules")
+    sys.stdout.write(render_plan(p, obs.backend))
+    return EXIT_OK
+
+
+def _netfilter(obs: Observed, runner: Runner) -> Netfilter:
+    return Netfilter(runner, obs.backend, obs.facts.families)
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    obs, p = _observe_and_plan(settings, runner)
+    nf = _netfilter(obs, runner)
+    removed = nf.cleanup_other_backends()
+    if removed:
+        log.info("removed leftovers of another backend: %s", ", ".join(removed))
+    agent = Agent(nf, p, interval=settings.sync_interval)
+    if agent.sync():
+        print(f"in sync: {p.rule_count} rules on {obs.backend.value}")
+        return EXIT_OK
+    print(f"dnsguard: error: {agent.state.last_error}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    obs, p = _observe_and_plan(settings, runner)
+    nf = _netfilter(obs, runner)
+    agent = Agent(nf, p, interval=settings.sync_interval)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("agent started: %d rules, sync every %gs", p.rule_count, settings.sync_interval)
+    agent.run(stop)
+    if settings.skip_teardown:
+        log.info("--skip-teardown: leaving rules in place")
+        return EXIT_OK
+    removed = cleanup(runner, obs.facts.families)
+    log.info("teardown removed %s", ", ".join(removed) or "nothing")
+    return EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    removed = cleanup(runner, node_families(Path("/proc")))
+    print("removed: " + (", ".join(removed) if removed else "nothing (dnsguard owned nothing)"))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    doc: dict[str, object] = {"installed": inventory(runner, node_families(Path("/proc")))}
+    try:
+        obs, p = _observe_and_plan(settings, runner)
+    except (ConfigError, PlanRefused) as exc:
+        doc.update(in_sync=None, reason=str(exc))
+    else:
+        drift = _netfilter(obs, runner).drift(p)
+        doc.update(
+            proxy_mode=obs.facts.proxy_mode.value, backend=obs.backend.value,
+            notes=list(obs.notes), planned_rules=p.rule_count,
+            in_sync=not drift, drift=drift,
+        )
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for key, value in doc.items():
+            if isinstance(value, list):
+                print(f"{key}:")
+                for item in value or ["(none)"]:
+                    print(f"  - {item}")
+            else:
+                print(f"{key}: {value}")
+    return EXIT_OK if doc.get("in_sync") else EXIT_FAIL

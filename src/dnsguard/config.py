@@ -1,0 +1,141 @@
+"""Frozen, validated settings from flags and ``DNSGUARD_*`` environment variables.
+
+Every flag ``--some-flag`` can also come from ``DNSGUARD_SOME_FLAG``; the flag wins. Repeatable
+flags take a comma-separated list from the environment. Values are parsed once, here, into typed
+fields (addresses, networks, seconds as float), so nothing downstream re-parses strings. Any bad
+value raises `ConfigError` whose message is one line naming the flag and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from dnsguard.model import Backend, IPAddress, IPNetwork, Mitigation, ProxyMode
+
+Auto = Literal["auto"]
+LogFormat = Literal["text", "json"]
+
+
+class ConfigError(ValueError):
+    """A bad flag or environment value; the message is one line fit for the user."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    proxy_mode: ProxyMode | Auto = "auto"
+    mitigation: Mitigation = Mitigation.NOTRACK
+    dns_ips: tuple[IPAddress, ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    backend: Backend | Auto = "auto"
+    sync_interval: float = 10.0
+    log_format: LogFormat = "text"
+    skip_teardown: bool = False
+
+
+def env_name(flag: str) -> str:
+    """``--dns-ip`` -> ``DNSGUARD_DNS_IP``."""
+    return "DNSGUARD_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_fact_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that needs the node's facts and settings."""
+    parser.add_argument("--proxy-mode", metavar="auto|iptables|ipvs|nftables")
+    parser.add_argument("--mitigation", metavar="notrack")
+    parser.add_argument("--dns-ip", action="append", metavar="IP",
+                        help="cluster DNS Service ClusterIP (repeatable, IPv4 and/or IPv6)")
+    parser.add_argument("--pod-cidr", action="append", metavar="CIDR",
+                        help="pod range(s), where replies from DNS pods come from (repeatable)")
+    parser.add_argument("--backend", metavar="auto|iptables-legacy|iptables-nft|nftables")
+    parser.add_argument("--sync-interval", metavar="SECONDS")
+    parser.add_argument("--log-format", metavar="text|json")
+    parser.add_argument("--skip-teardown", action="store_true", default=None,
+                        help="leave the rules in place when the agent stops")
+
+
+def _raw(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> str | list[str] | None:
+    value = getattr(ns, flag.lstrip("-").replace("-", "_"), None)
+    if value is not None:
+        return value  # type: ignore[no-any-return]
+    return env.get(env_name(flag))
+
+
+def _items(raw: str | list[str] | None) -> list[str]:
+    if raw is None:
+        return []
+    parts = raw if isinstance(raw, list) else raw.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _choice(flag: str, raw: str, choices: Sequence[str]) -> str:
+    if raw not in choices:
+        raise ConfigError(f"invalid {flag} {raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
+def _ip(flag: str, raw: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(f"invalid {flag} {raw!r}: not an IPv4 or IPv6 address") from None
+
+
+def _cidr(flag: str, raw: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {flag} {raw!r}: {exc}") from None
+
+
+def _seconds(flag: str, raw: str, minimum: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"invalid {flag} {raw!r}: not a number of seconds") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(f"invalid {flag} {raw!r}: must be at least {minimum:g} seconds")
+    return value
+
+
+T = TypeVar("T")
+
+
+def _dedup(values: Sequence[T]) -> tuple[T, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from parsed flags, falling back to the environment, then defaults."""
+    env = os.environ if env is None else env
+    s = Settings()
+    kwargs: dict[str, object] = {}
+
+    if (raw := _raw(ns, env, "--proxy-mode")) is not None:
+        mode = _choice("--proxy-mode", str(raw), ["auto", *(m.value for m in ProxyMode)])
+        kwargs["proxy_mode"] = "auto" if mode == "auto" else ProxyMode(mode)
+    if (raw := _raw(ns, env, "--mitigation")) is not None:
+        kwargs["mitigation"] = Mitigation(
+            _choice("--mitigation", str(raw), [m.value for m in Mitigation]))
+    if (raw := _raw(ns, env, "--backend")) is not None:
+        b = _choice("--backend", str(raw), ["auto", *(m.value for m in Backend)])
+        kwargs["backend"] = "auto" if b == "auto" else Backend(b)
+    kwargs["dns_ips"] = _dedup([_ip("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
+    kwargs["pod_cidrs"] = _dedup(
+        [_cidr("--pod-cidr", v) for v in _items(_raw(ns, env, "--pod-cidr"))])
+    if (raw := _raw(ns, env, "--sync-interval")) is not None:
+        kwargs["sync_interval"] = _seconds("--sync-interval", str(raw), 0.1)
+    if (raw := _raw(ns, env, "--log-format")) is not None:
+        kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
+    skip = _raw(ns, env, "--skip-teardown")
+    if isinstance(skip, str):
+        kwargs["skip_teardown"] = _choice(
+            "DNSGUARD_SKIP_TEARDOWN", skip.lower(), ["1", "0", "true", "false", "yes", "no"]
+        ) in ("1", "true", "yes")
+    elif skip is not None:
+        kwargs["skip_teardown"] = bool(skip)
+
+    return Settings(**{**s.__dict__, **kwargs})

@@ -1,0 +1,155 @@
+"""Frozen values shared by every layer.
+
+The planner speaks a small, backend-neutral rule vocabulary (`Match`, `Verdict`, `Rule`,
+`Chain`, `Ruleset`); renderers in `dnsguard.plan.render` turn it into iptables-restore or nft
+text. Keeping the vocabulary tiny is deliberate: every match the planner may emit must render
+identically on iptables-legacy, iptables-nft and native nft, and must round-trip through
+`iptables-save` so that the diff can compare kernel state to the plan.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Prefix of every iptables chain dnsguard owns; cleanup removes exactly these.
+CHAIN_PREFIX = "DNSGUARD-"
+#: Name of the native nft table dnsguard owns (family inet).
+NFT_TABLE = "dnsguard"
+
+
+class Family(enum.Enum):
+    """IP family; a parameter everywhere instead of a second copy of the code."""
+
+    V4 = 4
+    V6 = 6
+
+    @classmethod
+    def of(cls, value: IPAddress | IPNetwork) -> Family:
+        return cls.V4 if value.version == 4 else cls.V6
+
+    @property
+    def nft_addr(self) -> str:
+        """The nft payload keyword for addresses of this family."""
+        return "ip" if self is Family.V4 else "ip6"
+
+
+class ProxyMode(enum.Enum):
+    """kube-proxy's mode; decides whether NOTRACK to a ClusterIP is safe."""
+
+    IPTABLES = "iptables"
+    IPVS = "ipvs"
+    NFTABLES = "nftables"
+
+    @property
+    def nats_with_conntrack(self) -> bool:
+        """True when Service traffic is DNATed by conntrack, so untracked packets bypass it."""
+        return self is not ProxyMode.IPVS
+
+
+class Backend(enum.Enum):
+    """How dnsguard writes its rules."""
+
+    IPTABLES_LEGACY = "iptables-legacy"
+    IPTABLES_NFT = "iptables-nft"
+    NFTABLES = "nftables"
+
+    @property
+    def is_iptables(self) -> bool:
+        return self is not Backend.NFTABLES
+
+
+class Mitigation(enum.Enum):
+    NOTRACK = "notrack"
+    NODELOCAL = "nodelocal"
+
+
+class Table(enum.Enum):
+    RAW = "raw"
+    FILTER = "filter"
+    NAT = "nat"
+
+
+class Hook(enum.Enum):
+    """Built-in chain a dnsguard chain is jumped to from (iptables names)."""
+
+    PREROUTING = "PREROUTING"
+    INPUT = "INPUT"
+    FORWARD = "FORWARD"
+    OUTPUT = "OUTPUT"
+    POSTROUTING = "POSTROUTING"
+
+
+class Proto(enum.Enum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+class Verdict(enum.Enum):
+    NOTRACK = "notrack"
+    ACCEPT = "accept"
+    DROP = "drop"
+    RETURN = "return"
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a rule matches. Every field is optional; unset means 'any'."""
+
+    proto: Proto | None = None
+    src: IPNetwork | None = None
+    dst: IPNetwork | None = None
+    sport: int | None = None
+    dport: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Match
+    verdict: Verdict
+    comment: str
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One dnsguard chain, hooked from one built-in chain by a single jump, first in line."""
+
+    table: Table
+    hook: Hook
+    rules: tuple[Rule, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{CHAIN_PREFIX}{self.hook.value}"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The full desired state for one family: what dnsguard owns and nothing else."""
+
+    family: Family
+    chains: tuple[Chain, ...] = ()
+
+    def tables(self) -> tuple[Table, ...]:
+        seen: list[Table] = []
+        for chain in self.chains:
+            if chain.table not in seen:
+                seen.append(chain.table)
+        return tuple(seen)
+
+    def chains_in(self, table: Table) -> tuple[Chain, ...]:
+        return tuple(c for c in self.chains if c.table is table)
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the node and the cluster tell us; the planner's only input besides settings."""
+
+    proxy_mode: ProxyMode
+    dns_ips: tuple[IPAddress, ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    families: frozenset[Family] = field(default_factory=lambda: frozenset({Family.V4}))

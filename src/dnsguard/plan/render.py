@@ -1,0 +1,148 @@
+"""Render a `Ruleset` as iptables rule tokens or as an nft table, in the kernel tools' own form.
+
+The output is written exactly as ``iptables-save`` and ``nft list table`` print it back (match
+order, ``/32`` host masks, explicit ``-m udp``), so the diff can compare the kernel's state to the
+plan token by token; the integration tests prove the round trip on every backend.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+
+from dnsguard.model import NFT_TABLE, Chain, Family, Hook, Match, Rule, Ruleset, Table, Verdict
+
+__all__ = [
+    "format_iptables_line",
+    "iptables_jump",
+    "iptables_rule",
+    "nft_chain_name",
+    "nft_table",
+]
+
+Tokens = tuple[str, ...]
+
+_IPT_TARGET: dict[Verdict, Tokens] = {
+    Verdict.NOTRACK: ("-j", "CT", "--notrack"),
+    Verdict.ACCEPT: ("-j", "ACCEPT"),
+    Verdict.DROP: ("-j", "DROP"),
+    Verdict.RETURN: ("-j", "RETURN"),
+}
+
+_NFT_HOOK_PRIORITY: dict[Table, tuple[str, str]] = {
+    Table.RAW: ("filter", "raw"),
+    Table.FILTER: ("filter", "filter"),
+    Table.NAT: ("nat", "dstnat"),
+}
+
+
+def iptables_rule(chain_name: str, rule: Rule) -> Tokens:
+    """``-A CHAIN ...`` tokens for one rule, in iptables-save's order."""
+    m = rule.match
+    tokens: list[str] = ["-A", chain_name]
+    if m.src is not None:
+        tokens += ["-s", str(m.src)]
+    if m.dst is not None:
+        tokens += ["-d", str(m.dst)]
+    if m.proto is not None:
+        tokens += ["-p", m.proto.value]
+    tokens += ["-m", "comment", "--comment", _checked_comment(rule.comment)]
+    if m.sport is not None or m.dport is not None:
+        if m.proto is None:
+            raise ValueError(f"rule {rule.comment!r}: ports need a protocol")
+        tokens += ["-m", m.proto.value]
+        if m.sport is not None:
+            tokens += ["--sport", str(m.sport)]
+        if m.dport is not None:
+            tokens += ["--dport", str(m.dport)]
+    tokens += _IPT_TARGET[rule.verdict]
+    return tuple(tokens)
+
+
+def iptables_jump(chain: Chain) -> Tokens:
+    """The one rule in the built-in chain that sends packets into ``chain``."""
+    return (
+        "-A", chain.hook.value,
+        "-m", "comment", "--comment", f"dnsguard: hook {chain.name}",
+        "-j", chain.name,
+    )
+
+
+def format_iptables_line(tokens: Sequence[str]) -> str:
+    """Join tokens into an iptables-restore line, double-quoting where needed."""
+    out = []
+    for t in tokens:
+        if t == "" or any(c.isspace() for c in t) or any(c in t for c in "'\\#"):
+            out.append('"' + t + '"')
+        else:
+            out.append(t)
+    return " ".join(out)
+
+
+def parse_iptables_line(line: str) -> Tokens:
+    """Inverse of `format_iptables_line` for lines printed by iptables-save."""
+    return tuple(shlex.split(line, comments=False, posix=True))
+
+
+def nft_chain_name(chain: Chain) -> str:
+    return f"{chain.table.value}-{chain.hook.value.lower()}"
+
+
+def _nft_match(family: Family, m: Match) -> list[str]:
+    parts: list[str] = []
+    if m.src is not None:
+        parts += [family.nft_addr, "saddr", _nft_addr(m.src)]
+    if m.dst is not None:
+        parts += [family.nft_addr, "daddr", _nft_addr(m.dst)]
+    if m.proto is not None:
+        if m.sport is None and m.dport is None:
+            parts += ["meta", "l4proto", m.proto.value]
+        else:
+            if m.sport is not None:
+                parts += [m.proto.value, "sport", str(m.sport)]
+            if m.dport is not None:
+                parts += [m.proto.value, "dport", str(m.dport)]
+    return parts
+
+
+def _nft_addr(net: object) -> str:
+    text = str(net)
+    if text.endswith("/32") or text.endswith("/128"):
+        return text.rsplit("/", 1)[0]
+    return text
+
+
+def nft_rule(family: Family, rule: Rule) -> str:
+    words = [*_nft_match(family, rule.match), rule.verdict.value]
+    return " ".join(words) + f' comment "{_checked_comment(rule.comment)}"'
+
+
+def nft_table(rulesets: Iterable[Ruleset]) -> str:
+    """The whole ``inet dnsguard`` table as ``nft list table inet dnsguard`` prints it.
+
+    Both families share one ``inet`` table; a chain holds the IPv4 rules, then the IPv6 ones.
+    """
+    chains: dict[tuple[Table, Hook], list[str]] = {}
+    for rs in rulesets:
+        for chain in rs.chains:
+            lines = chains.setdefault((chain.table, chain.hook), [])
+            lines.extend(nft_rule(rs.family, r) for r in chain.rules)
+    out = [f"table inet {NFT_TABLE} {{"]
+    for i, ((table, hook), rules) in enumerate(sorted(
+            chains.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value))):
+        if i:
+            out.append("")
+        ctype, prio = _NFT_HOOK_PRIORITY[table]
+        name = f"{table.value}-{hook.value.lower()}"
+        out.append(f"\tchain {name} {{")
+        out.append(f"\t\ttype {ctype} hook {hook.value.lower()} priority {prio}; policy accept;")
+        out.extend(f"\t\t{r}" for r in rules)
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _checked_comment(comment: str) -> str:
+    if '"' in comment or "\n" in comment or len(comment) > 255:
+        raise ValueError(f"rule comment {comment!r} must be one line without quotes, <256 chars")
+    return comment
