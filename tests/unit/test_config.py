@@ -1,0 +1,53 @@
+"""Settings from flags and DNSGUARD_* env: typed values, and one-line errors naming the value."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from dnsguard.cli import build_parser
+from dnsguard.config import ConfigError, settings_from
+from dnsguard.model import Backend, ProxyMode
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None):
+    return settings_from(build_parser().parse_args(["plan", *argv]), env or {})
+
+
+def test_flags_are_typed_and_deduplicated() -> None:
+    s = parse(["--proxy-mode", "ipvs", "--dns-ip", "198.18.1.10", "--dns-ip", "198.18.1.10",
+               "--dns-ip", "fd00:198:18:1::a", "--pod-cidr", "198.18.0.0/24",
+               "--backend", "iptables-legacy", "--sync-interval", "2.5"])
+    assert s.proxy_mode is ProxyMode.IPVS
+    assert s.backend is Backend.IPTABLES_LEGACY
+    assert s.dns_ips == (ipaddress.ip_address("198.18.1.10"),
+                         ipaddress.ip_address("fd00:198:18:1::a"))
+    assert s.sync_interval == 2.5
+
+
+def test_env_fills_in_and_flag_wins() -> None:
+    env = {"DNSGUARD_DNS_IP": "198.18.1.10, 198.18.1.11", "DNSGUARD_PROXY_MODE": "ipvs",
+           "DNSGUARD_SKIP_TEARDOWN": "true"}
+    s = parse(["--proxy-mode", "nftables"], env)
+    assert s.proxy_mode is ProxyMode.NFTABLES
+    assert [str(ip) for ip in s.dns_ips] == ["198.18.1.10", "198.18.1.11"]
+    assert s.skip_teardown is True
+
+
+@pytest.mark.parametrize(("argv", "env", "needle"), [
+    (["--dns-ip", "198.18.1.300"], {}, "invalid --dns-ip '198.18.1.300'"),
+    (["--pod-cidr", "198.18.0.1/24"], {}, "invalid --pod-cidr '198.18.0.1/24'"),
+    (["--pod-cidr", "banana"], {}, "invalid --pod-cidr 'banana'"),
+    (["--proxy-mode", "userspace"], {}, "invalid --proxy-mode 'userspace'"),
+    (["--backend", "ipfw"], {}, "invalid --backend 'ipfw'"),
+    (["--sync-interval", "0"], {}, "invalid --sync-interval '0'"),
+    (["--sync-interval", "nan"], {}, "invalid --sync-interval 'nan'"),
+    ([], {"DNSGUARD_MITIGATION": "magic"}, "invalid --mitigation 'magic'"),
+    ([], {"DNSGUARD_SKIP_TEARDOWN": "maybe"}, "invalid DNSGUARD_SKIP_TEARDOWN 'maybe'"),
+])
+def test_bad_values_give_one_line_naming_the_value(argv, env, needle) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(argv, env)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
