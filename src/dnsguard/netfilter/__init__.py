@@ -78,7 +78,7 @@ def cleanup(runner: Runner, families: Iterable[Family],
     A backend whose tools are not installed cannot hold anything of ours and is passed over.
     """
     removed: list[str] = []
-    fams = tuple(families)
+    fams = tuple(sorted(set(families), key=lambda f: f.value))
     for backend in Backend:
         if backend is skip:
             continue
