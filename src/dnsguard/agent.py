@@ -15,9 +15,11 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dnsguard.cache.runtime import HEALTH_INTERVAL, CacheRuntime
 from dnsguard.netfilter import Netfilter, NetfilterError, RestoreFailed
 from dnsguard.plan import Plan
 
@@ -63,11 +65,12 @@ class AgentState:
 
 class Agent:
     def __init__(self, netfilter: Netfilter, plan: Plan, *, interval: float,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, cache: CacheRuntime | None = None) -> None:
         self.netfilter = netfilter
         self.plan = plan
         self.interval = interval
         self.clock: Clock = clock or SystemClock()
+        self.cache = cache
         self.state = AgentState()
 
     def sync(self) -> bool:
@@ -116,14 +119,48 @@ class Agent:
         return min(self.interval, MIN_BACKOFF_SECONDS * float(2 ** (n - 1)))
 
     def run(self, stop: threading.Event) -> None:
-        """Sync now, then every interval (sooner after failures) until ``stop`` is set."""
+        """Sync now, then every interval (sooner after failures) until ``stop`` is set.
+
+        With a node-local cache the loop also ticks the cache every `HEALTH_INTERVAL`; rule
+        syncs keep their own cadence.
+        """
         try:
             removed = self.netfilter.cleanup_other_backends()
             if removed:
                 log.info("removed leftovers of another backend: %s", ", ".join(removed))
         except NetfilterError as exc:
             log.warning("could not check other backends for leftovers: %s", exc)
+        next_sync = self.clock.monotonic()
         while not stop.is_set():
-            self.sync()
-            if self.clock.wait(stop, self.next_delay()):
+            now = self.clock.monotonic()
+            if now >= next_sync:
+                self.sync()
+                next_sync = self.clock.monotonic() + self.next_delay()
+            if self.cache is not None:
+                self.cache.tick()
+                delay = min(HEALTH_INTERVAL, max(0.0, next_sync - self.clock.monotonic()))
+            else:
+                delay = max(0.0, next_sync - self.clock.monotonic())
+            if self.clock.wait(stop, delay):
                 break
+
+    def shutdown(self, drain: float, skip_teardown: bool, remove_rules: Callable[[], list[str]],
+                 ) -> None:
+        """Graceful hand-over: withdraw interception, drain, stop the cache, then clean up.
+
+        In this order no lookup is lost: once the switch is withdrawn new queries take
+        kube-proxy's path, and the cache still answers the ones already sent to it.
+        """
+        if self.cache is not None:
+            self.cache.withdraw()
+            if drain > 0:
+                log.info("draining for %gs before stopping the cache", drain)
+                self.clock.wait(threading.Event(), drain)
+            self.cache.stop()
+        if skip_teardown:
+            log.info("--skip-teardown: leaving rules in place")
+            return
+        removed = remove_rules()
+        if self.cache is not None:
+            self.cache.teardown()
+        log.info("teardown removed %s", ", ".join(removed) or "nothing")

@@ -18,6 +18,7 @@ from types import FrameType
 
 from dnsguard import __version__
 from dnsguard.agent import Agent
+from dnsguard.cache.runtime import STATE_FILES, CacheRuntime, read_status
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, observe
 from dnsguard.logs import setup_logging
@@ -27,6 +28,8 @@ from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
 from dnsguard.netfilter.nft import NftBackend
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.detect import node_families
+from dnsguard.node.links import remove_link
+from dnsguard.node.resolv import nameservers
 from dnsguard.plan import Plan, PlanRefused, plan
 
 __all__ = ["main"]
@@ -78,7 +81,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
 
 
 def _observe_and_plan(settings: Settings, runner: Runner) -> tuple[Observed, Plan]:
-    obs = observe(settings, runner)
+    obs = observe(settings, runner, node_nameservers=nameservers(settings.node_resolv_conf))
     for note in obs.notes:
         log.info("%s", note)
     return obs, plan(obs.facts, settings)
@@ -119,6 +122,9 @@ def cmd_apply(args: argparse.Namespace, settings: Settings, runner: Runner) -> i
     agent = Agent(nf, p, interval=settings.sync_interval)
     if agent.sync():
         print(f"in sync: {p.rule_count} rules on {obs.backend.value}")
+        if p.cache is not None:
+            print("note: node-local interception stays dormant until `dnsguard run` keeps a "
+                  "healthy cache behind it")
         return EXIT_OK
     print(f"dnsguard: error: {agent.state.last_error}", file=sys.stderr)
     return EXIT_FAIL
@@ -127,7 +133,15 @@ def cmd_apply(args: argparse.Namespace, settings: Settings, runner: Runner) -> i
 def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
     obs, p = _observe_and_plan(settings, runner)
     nf = _netfilter(obs, runner)
-    agent = Agent(nf, p, interval=settings.sync_interval)
+    cache = None
+    if p.cache is not None:
+        cache = CacheRuntime(p.cache, settings.state_dir, runner, obs.backend)
+        try:
+            cache.prepare()
+        except NetfilterError:
+            cache.teardown()  # nothing half-applied: no link, no config left behind
+            raise
+    agent = Agent(nf, p, interval=settings.sync_interval, cache=cache)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -138,16 +152,20 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
     signal.signal(signal.SIGINT, on_signal)
     log.info("agent started: %d rules, sync every %gs", p.rule_count, settings.sync_interval)
     agent.run(stop)
-    if settings.skip_teardown:
-        log.info("--skip-teardown: leaving rules in place")
-        return EXIT_OK
-    removed = cleanup(runner, obs.facts.families)
-    log.info("teardown removed %s", ", ".join(removed) or "nothing")
+    agent.shutdown(settings.drain_seconds, settings.skip_teardown,
+                   lambda: cleanup(runner, obs.facts.families))
     return EXIT_OK
 
 
 def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
     removed = cleanup(runner, node_families(Path("/proc")))
+    if remove_link(runner):
+        removed.append("link dnsguard0")
+    for name in STATE_FILES:
+        path = settings.state_dir / name
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
     print("removed: " + (", ".join(removed) if removed else "nothing (dnsguard owned nothing)"))
     return EXIT_OK
 
@@ -165,11 +183,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
             notes=list(obs.notes), planned_rules=p.rule_count,
             in_sync=not drift, drift=drift,
         )
+        if p.cache is not None:
+            doc["cache"] = read_status(settings.state_dir)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         for key, value in doc.items():
-            if isinstance(value, list):
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for k, v in value.items():
+                    print(f"  {k}: {v}")
+            elif isinstance(value, list):
                 print(f"{key}:")
                 for item in value or ["(none)"]:
                     print(f"  - {item}")

@@ -13,6 +13,7 @@ import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from dnsguard.model import Backend, IPAddress, IPNetwork, Mitigation, ProxyMode
@@ -35,6 +36,14 @@ class Settings:
     sync_interval: float = 10.0
     log_format: LogFormat = "text"
     skip_teardown: bool = False
+    # node-local cache (--mitigation nodelocal)
+    local_ips: tuple[IPAddress, ...] = (ipaddress.ip_address("169.254.20.10"),)
+    upstreams: tuple[tuple[IPAddress, int], ...] = ()
+    cluster_domain: str = "cluster.local"
+    state_dir: Path = Path("/run/dnsguard")
+    health_port: int = 53053
+    node_resolv_conf: Path = Path("/etc/resolv.conf")
+    drain_seconds: float = 2.0
 
 
 def env_name(flag: str) -> str:
@@ -45,7 +54,7 @@ def env_name(flag: str) -> str:
 def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that needs the node's facts and settings."""
     parser.add_argument("--proxy-mode", metavar="auto|iptables|ipvs|nftables")
-    parser.add_argument("--mitigation", metavar="notrack")
+    parser.add_argument("--mitigation", metavar="notrack|nodelocal")
     parser.add_argument("--dns-ip", action="append", metavar="IP",
                         help="cluster DNS Service ClusterIP (repeatable, IPv4 and/or IPv6)")
     parser.add_argument("--pod-cidr", action="append", metavar="CIDR",
@@ -55,6 +64,21 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", metavar="text|json")
     parser.add_argument("--skip-teardown", action="store_true", default=None,
                         help="leave the rules in place when the agent stops")
+    cache = parser.add_argument_group("node-local cache (--mitigation nodelocal)")
+    cache.add_argument("--local-ip", action="append", metavar="IP",
+                       help="address the cache serves on (repeatable; default 169.254.20.10)")
+    cache.add_argument("--upstream", action="append", metavar="IP[:PORT]",
+                       help="cluster DNS endpoints or an upstream Service IP not intercepted")
+    cache.add_argument("--cluster-domain", metavar="DOMAIN")
+    cache.add_argument("--state-dir", metavar="DIR",
+                       help="config and control socket (/run/dnsguard)")
+    cache.add_argument("--health-port", metavar="PORT",
+                       help="loopback port of the cache's health query (default 53053)")
+    cache.add_argument("--node-resolv-conf", metavar="FILE",
+                       help="resolv.conf whose nameservers get names outside the cluster")
+    cache.add_argument("--drain-seconds", metavar="SECONDS",
+                       help="on SIGTERM, how long the cache keeps answering after interception "
+                            "is withdrawn (default 2)")
 
 
 def _raw(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> str | list[str] | None:
@@ -89,6 +113,38 @@ def _cidr(flag: str, raw: str) -> IPNetwork:
         return ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
         raise ConfigError(f"invalid {flag} {raw!r}: {exc}") from None
+
+
+def _port(flag: str, raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"invalid {flag} {raw!r}: not a port number (1-65535)")
+    return int(raw)
+
+
+def _endpoint(flag: str, raw: str) -> tuple[IPAddress, int]:
+    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address; the port defaults to 53."""
+    host, port = raw, "53"
+    if raw.startswith("["):
+        host, sep, rest = raw[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"invalid {flag} {raw!r}: expected [IPv6]:PORT")
+        port = rest[1:] or "53"
+    elif raw.count(":") == 1:
+        host, port = raw.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"invalid {flag} {raw!r}: not an IP address or IP:PORT") from None
+    return ip, _port(flag, port)
+
+
+def _domain(flag: str, raw: str) -> str:
+    name = raw.strip(".").lower()
+    labels = name.split(".")
+    if not name or any(not lb or len(lb) > 63 or not all(c.isalnum() or c == "-" for c in lb)
+                       for lb in labels):
+        raise ConfigError(f"invalid {flag} {raw!r}: not a DNS domain name")
+    return name
 
 
 def _seconds(flag: str, raw: str, minimum: float) -> float:
@@ -128,6 +184,20 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         [_cidr("--pod-cidr", v) for v in _items(_raw(ns, env, "--pod-cidr"))])
     if (raw := _raw(ns, env, "--sync-interval")) is not None:
         kwargs["sync_interval"] = _seconds("--sync-interval", str(raw), 0.1)
+    if local := _items(_raw(ns, env, "--local-ip")):
+        kwargs["local_ips"] = _dedup([_ip("--local-ip", v) for v in local])
+    kwargs["upstreams"] = _dedup(
+        [_endpoint("--upstream", v) for v in _items(_raw(ns, env, "--upstream"))])
+    if (raw := _raw(ns, env, "--cluster-domain")) is not None:
+        kwargs["cluster_domain"] = _domain("--cluster-domain", str(raw))
+    if (raw := _raw(ns, env, "--state-dir")) is not None:
+        kwargs["state_dir"] = Path(str(raw))
+    if (raw := _raw(ns, env, "--health-port")) is not None:
+        kwargs["health_port"] = _port("--health-port", str(raw))
+    if (raw := _raw(ns, env, "--node-resolv-conf")) is not None:
+        kwargs["node_resolv_conf"] = Path(str(raw))
+    if (raw := _raw(ns, env, "--drain-seconds")) is not None:
+        kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:
         kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
     skip = _raw(ns, env, "--skip-teardown")

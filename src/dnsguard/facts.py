@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dnsguard.config import ConfigError, Settings
-from dnsguard.model import Backend, Family, NodeFacts
+from dnsguard.model import Backend, Family, IPAddress, NodeFacts
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.detect import detect_backend, detect_proxy_mode, node_families
 
@@ -28,7 +28,8 @@ class Observed:
     notes: tuple[str, ...]
 
 
-def observe(settings: Settings, runner: Runner, proc_root: Path = Path("/proc")) -> Observed:
+def observe(settings: Settings, runner: Runner, proc_root: Path = Path("/proc"), *,
+            node_nameservers: tuple[IPAddress, ...] = ()) -> Observed:
     notes: list[str] = []
     families = node_families(proc_root)
     for ip in settings.dns_ips:
@@ -65,5 +66,5 @@ def observe(settings: Settings, runner: Runner, proc_root: Path = Path("/proc"))
         notes.append(f"backend {backend.value} as given")
 
     facts = NodeFacts(proxy_mode=mode, dns_ips=settings.dns_ips, pod_cidrs=settings.pod_cidrs,
-                      families=families)
+                      families=families, node_nameservers=node_nameservers)
     return Observed(facts, backend, tuple(notes))

@@ -20,6 +20,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CHAIN_PREFIX = "DNSGUARD-"
 #: Name of the native nft table dnsguard owns (family inet).
 NFT_TABLE = "dnsguard"
+#: The dead man's switch: interception rules match only while the agent keeps refreshing an
+#: entry for the intercepted address (an xt_recent list or an nft set element with a timeout).
+#: When the agent or the cache dies, entries age out within this many seconds and DNS falls back
+#: to kube-proxy's path with no process needed.
+ALIVE_SECONDS = 2
 
 
 class Family(enum.Enum):
@@ -36,6 +41,15 @@ class Family(enum.Enum):
     def nft_addr(self) -> str:
         """The nft payload keyword for addresses of this family."""
         return "ip" if self is Family.V4 else "ip6"
+
+    @property
+    def alive_name(self) -> str:
+        """Name of this family's dead man's switch (xt_recent list / nft set)."""
+        return f"dnsguard-alive{self.value}"
+
+    @property
+    def host_mask(self) -> str:
+        return "255.255.255.255" if self is Family.V4 else ":".join(["ffff"] * 8)
 
 
 class ProxyMode(enum.Enum):
@@ -94,6 +108,7 @@ class Verdict(enum.Enum):
     ACCEPT = "accept"
     DROP = "drop"
     RETURN = "return"
+    DNAT = "dnat"
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,8 @@ class Match:
     dst: IPNetwork | None = None
     sport: int | None = None
     dport: int | None = None
+    #: match only while the destination address is in the dead man's switch
+    alive: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,8 @@ class Rule:
     match: Match
     verdict: Verdict
     comment: str
+    #: DNAT target (address, port); only with Verdict.DNAT
+    to: tuple[IPAddress, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,10 @@ class Ruleset:
     def chains_in(self, table: Table) -> tuple[Chain, ...]:
         return tuple(c for c in self.chains if c.table is table)
 
+    @property
+    def uses_alive(self) -> bool:
+        return any(r.match.alive for c in self.chains for r in c.rules)
+
 
 @dataclass(frozen=True)
 class NodeFacts:
@@ -153,3 +176,5 @@ class NodeFacts:
     dns_ips: tuple[IPAddress, ...] = ()
     pod_cidrs: tuple[IPNetwork, ...] = ()
     families: frozenset[Family] = field(default_factory=lambda: frozenset({Family.V4}))
+    #: nameservers of the node's own resolv.conf, for names outside the cluster domain
+    node_nameservers: tuple[IPAddress, ...] = ()

@@ -95,7 +95,7 @@ def desired_tables(plan: Plan, family: Family) -> Tables:
     out: Tables = {}
     for chain in plan.for_family(family).chains:
         st = out.setdefault(chain.table, TableState())
-        st.chains[chain.name] = tuple(iptables_rule(chain.name, r) for r in chain.rules)
+        st.chains[chain.name] = tuple(iptables_rule(chain.name, r, family) for r in chain.rules)
         st.jumps[chain.hook.value] = ((1, iptables_jump(chain)),)
     return out
 
@@ -194,8 +194,29 @@ class IptablesBackend:
         return changed
 
     def cleanup(self, families: Iterable[Family]) -> list[tuple[Family, Table]]:
-        """Remove every ``DNSGUARD-*`` chain and jump; return what was removed."""
-        return [(f, t) for f in families for t in self.apply(Plan(()), f)]
+        """Remove every ``DNSGUARD-*`` chain and jump; return what was removed.
+
+        With iptables-nft, a table our removal left empty (built-in chains only, no rules,
+        ACCEPT policies) is deleted too, so ``iptables-nft-save`` reads as if dnsguard had never
+        run. The deletion is one nft transaction that the kernel refuses if any chain holds a
+        rule or the table holds anything else, so a rule added meanwhile is never lost.
+        """
+        removed = [(f, t) for f in families for t in self.apply(Plan(()), f)]
+        if self._flavour == "nft":
+            for family, table in removed:
+                self._drop_if_empty(family, table)
+        return removed
+
+    def _drop_if_empty(self, family: Family, table: Table) -> None:
+        res = self.runner.run([self._tool(family, "save"), "-t", table.value])
+        lines = [ln for ln in res.stdout.splitlines() if ln and not ln.startswith(("#", "*"))
+                 and ln != "COMMIT"]
+        if not res.ok or any(not ln.startswith(":") or " ACCEPT " not in ln for ln in lines):
+            return
+        fam = family.nft_addr
+        chains = [ln[1:].split()[0] for ln in lines]
+        text = "".join(f"delete chain {fam} {table.value} {c}\n" for c in chains)
+        self.runner.run(["nft", "-f", "-"], stdin=text + f"delete table {fam} {table.value}\n")
 
     def _restore(self, family: Family, text: str) -> None:
         tool = self._tool(family, "restore")

@@ -67,4 +67,14 @@ class NftBackend:
 
 
 def _normalize(listing: str) -> str:
-    return "\n".join(line.rstrip() for line in listing.strip("\n").splitlines()) + "\n"
+    """Trailing blanks stripped, set elements dropped: their timeouts are live state."""
+    out: list[str] = []
+    in_elements = False
+    for line in listing.strip("\n").splitlines():
+        if line.strip().startswith("elements = {"):
+            in_elements = True
+        if in_elements:
+            in_elements = not line.rstrip().endswith("}")
+            continue
+        out.append(line.rstrip())
+    return "\n".join(out) + "\n"

@@ -22,6 +22,7 @@ from dnsguard.model import (
     Chain,
     Family,
     Hook,
+    IPAddress,
     Match,
     Mitigation,
     NodeFacts,
@@ -31,6 +32,7 @@ from dnsguard.model import (
     Table,
     Verdict,
 )
+from dnsguard.plan.cache import CacheSpec
 
 __all__ = ["DNS_PORT", "Plan", "PlanRefused", "plan"]
 
@@ -46,6 +48,8 @@ class Plan:
     """Desired state for every family dnsguard manages; families absent here own nothing."""
 
     rulesets: tuple[Ruleset, ...]
+    #: the node-local cache to run, for --mitigation nodelocal
+    cache: CacheSpec | None = None
 
     def for_family(self, family: Family) -> Ruleset:
         for rs in self.rulesets:
@@ -62,7 +66,7 @@ def plan(facts: NodeFacts, settings: Settings) -> Plan:
     """Compute the rules for ``settings.mitigation`` on a node described by ``facts``."""
     if settings.mitigation is Mitigation.NOTRACK:
         return _plan_notrack(facts)
-    raise PlanRefused(f"--mitigation {settings.mitigation.value} is not available yet")
+    return _plan_nodelocal(facts, settings)
 
 
 def _plan_notrack(facts: NodeFacts) -> Plan:
@@ -105,3 +109,88 @@ def _plan_notrack(facts: NodeFacts) -> Plan:
                 ))
         rulesets.append(Ruleset(family, (Chain(Table.RAW, Hook.PREROUTING, tuple(rules)),)))
     return Plan(tuple(rulesets))
+
+
+def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
+    """Serve DNS from a cache on this node and steer pods to it without conntrack.
+
+    Intercepted addresses: the ``--local-ip`` addresses always, and in iptables/nftables modes the
+    DNS ClusterIPs too (bound locally, so pods keep their resolv.conf). Every NOTRACK that steers
+    a query to the cache is gated by the dead man's switch: when the agent stops refreshing it,
+    the rules stop matching, queries are tracked again and take kube-proxy's path. In ipvs mode
+    clients of the link-local address get a DNAT to the ClusterIP that only tracked (fallen
+    back) packets ever see, because untracked packets skip the nat table.
+    """
+    for ip in settings.local_ips:
+        if Family.of(ip) not in facts.families:
+            raise PlanRefused(f"invalid --local-ip {ip}: IPv6 is disabled on this node")
+    intercepted: list[IPAddress] = list(settings.local_ips)
+    if facts.proxy_mode.nats_with_conntrack:
+        intercepted += [ip for ip in facts.dns_ips if ip not in intercepted]
+    upstreams = settings.upstreams
+    if not upstreams:
+        if facts.proxy_mode.nats_with_conntrack or not facts.dns_ips:
+            raise PlanRefused(
+                "--mitigation nodelocal needs --upstream (the cluster DNS endpoints, or an "
+                "upstream Service IP): in kube-proxy "
+                f"{facts.proxy_mode.value} mode the DNS ClusterIP is served by the cache itself")
+        upstreams = tuple((ip, DNS_PORT) for ip in facts.dns_ips)
+    for ip, port in upstreams:
+        if ip in intercepted and port == DNS_PORT:
+            raise PlanRefused(
+                f"invalid --upstream {ip}: dnsguard intercepts it on this node, so the cache "
+                "would query itself; use the DNS endpoints or an upstream Service IP")
+    external = tuple((ip, DNS_PORT) for ip in facts.node_nameservers
+                     if ip not in intercepted and Family.of(ip) in facts.families)
+
+    rulesets = []
+    for family in (Family.V4, Family.V6):
+        addrs = [ip for ip in intercepted if Family.of(ip) is family]
+        if not addrs:
+            continue
+        raw_pre: list[Rule] = []
+        raw_out: list[Rule] = []
+        f_in: list[Rule] = []
+        f_out: list[Rule] = []
+        nat: list[Rule] = []
+        fallback = [ip for ip in facts.dns_ips if Family.of(ip) is family]
+        for proto in (Proto.UDP, Proto.TCP):
+            p = proto.value
+            for ip in addrs:
+                host = ip_network(ip)
+                to_cache = Match(proto=proto, dst=host, dport=DNS_PORT, alive=True)
+                raw_pre.append(Rule(to_cache, Verdict.NOTRACK,
+                                    f"dnsguard: {p} DNS to {ip} goes to the node-local cache"))
+                raw_out.append(Rule(to_cache, Verdict.NOTRACK,
+                                    f"dnsguard: host {p} DNS to {ip} goes to the node-local cache"))
+                raw_out.append(Rule(Match(proto=proto, src=host, sport=DNS_PORT), Verdict.NOTRACK,
+                                    f"dnsguard: {p} replies of the node-local cache on {ip}"))
+                f_in.append(Rule(Match(proto=proto, dst=host, dport=DNS_PORT), Verdict.ACCEPT,
+                                 f"dnsguard: accept {p} DNS to the node-local cache on {ip}"))
+                f_out.append(Rule(Match(proto=proto, src=host, sport=DNS_PORT), Verdict.ACCEPT,
+                                  f"dnsguard: accept {p} replies of the node-local cache on {ip}"))
+                if not facts.proxy_mode.nats_with_conntrack and fallback:
+                    nat.append(Rule(Match(proto=proto, dst=host, dport=DNS_PORT), Verdict.DNAT,
+                                    f"dnsguard: {p} DNS to {ip} falls back to cluster DNS "
+                                    f"{fallback[0]} while the cache is down",
+                                    to=(fallback[0], DNS_PORT)))
+        chains = [
+            Chain(Table.RAW, Hook.PREROUTING, tuple(raw_pre)),
+            Chain(Table.RAW, Hook.OUTPUT, tuple(raw_out)),
+            Chain(Table.FILTER, Hook.INPUT, tuple(f_in)),
+            Chain(Table.FILTER, Hook.OUTPUT, tuple(f_out)),
+        ]
+        if nat:
+            chains += [Chain(Table.NAT, Hook.PREROUTING, tuple(nat)),
+                       Chain(Table.NAT, Hook.OUTPUT, tuple(nat))]
+        rulesets.append(Ruleset(family, tuple(chains)))
+
+    spec = CacheSpec(
+        listen=tuple(intercepted),
+        health_port=settings.health_port,
+        cluster_domain=settings.cluster_domain,
+        cluster_upstreams=tuple(upstreams),
+        external_upstreams=external,
+        ipv6=Family.V6 in facts.families,
+    )
+    return Plan(tuple(rulesets), cache=spec)

@@ -10,7 +10,18 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable, Sequence
 
-from dnsguard.model import NFT_TABLE, Chain, Family, Hook, Match, Rule, Ruleset, Table, Verdict
+from dnsguard.model import (
+    ALIVE_SECONDS,
+    NFT_TABLE,
+    Chain,
+    Family,
+    Hook,
+    Match,
+    Rule,
+    Ruleset,
+    Table,
+    Verdict,
+)
 
 __all__ = [
     "format_iptables_line",
@@ -32,11 +43,12 @@ _IPT_TARGET: dict[Verdict, Tokens] = {
 _NFT_HOOK_PRIORITY: dict[Table, tuple[str, str]] = {
     Table.RAW: ("filter", "raw"),
     Table.FILTER: ("filter", "filter"),
-    Table.NAT: ("nat", "dstnat"),
+    # ahead of kube-proxy's nat chains (dstnat) so the fallback DNAT is seen first
+    Table.NAT: ("nat", "dstnat - 10"),
 }
 
 
-def iptables_rule(chain_name: str, rule: Rule) -> Tokens:
+def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
     """``-A CHAIN ...`` tokens for one rule, in iptables-save's order."""
     m = rule.match
     tokens: list[str] = ["-A", chain_name]
@@ -55,8 +67,21 @@ def iptables_rule(chain_name: str, rule: Rule) -> Tokens:
             tokens += ["--sport", str(m.sport)]
         if m.dport is not None:
             tokens += ["--dport", str(m.dport)]
-    tokens += _IPT_TARGET[rule.verdict]
+    if m.alive:
+        tokens += ["-m", "recent", "--rcheck", "--seconds", str(ALIVE_SECONDS),
+                   "--name", family.alive_name, "--mask", family.host_mask, "--rdest"]
+    if rule.verdict is Verdict.DNAT:
+        if rule.to is None:
+            raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
+        tokens += ["-j", "DNAT", "--to-destination", _hostport(*rule.to)]
+    else:
+        tokens += _IPT_TARGET[rule.verdict]
     return tuple(tokens)
+
+
+def _hostport(ip: object, port: int) -> str:
+    text = str(ip)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def iptables_jump(chain: Chain) -> Tokens:
@@ -94,6 +119,8 @@ def _nft_match(family: Family, m: Match) -> list[str]:
         parts += [family.nft_addr, "saddr", _nft_addr(m.src)]
     if m.dst is not None:
         parts += [family.nft_addr, "daddr", _nft_addr(m.dst)]
+    if m.alive:
+        parts += [family.nft_addr, "daddr", f"@{_nft_set(family)}"]
     if m.proto is not None:
         if m.sport is None and m.dport is None:
             parts += ["meta", "l4proto", m.proto.value]
@@ -112,8 +139,18 @@ def _nft_addr(net: object) -> str:
     return text
 
 
+def _nft_set(family: Family) -> str:
+    return f"alive{family.value}"
+
+
 def nft_rule(family: Family, rule: Rule) -> str:
-    words = [*_nft_match(family, rule.match), rule.verdict.value]
+    if rule.verdict is Verdict.DNAT:
+        if rule.to is None:
+            raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
+        verdict = f"dnat {family.nft_addr} to {_hostport(*rule.to)}"
+    else:
+        verdict = rule.verdict.value
+    words = [*_nft_match(family, rule.match), verdict]
     return " ".join(words) + f' comment "{_checked_comment(rule.comment)}"'
 
 
@@ -123,14 +160,22 @@ def nft_table(rulesets: Iterable[Ruleset]) -> str:
     Both families share one ``inet`` table; a chain holds the IPv4 rules, then the IPv6 ones.
     """
     chains: dict[tuple[Table, Hook], list[str]] = {}
+    sets: list[Family] = []
     for rs in rulesets:
+        if rs.uses_alive:
+            sets.append(rs.family)
         for chain in rs.chains:
             lines = chains.setdefault((chain.table, chain.hook), [])
             lines.extend(nft_rule(rs.family, r) for r in chain.rules)
     out = [f"table inet {NFT_TABLE} {{"]
+    for i, family in enumerate(sets):
+        if i:
+            out.append("")
+        out += [f"\tset {_nft_set(family)} {{", f"\t\ttype ipv{family.value}_addr",
+                "\t\tflags timeout", "\t}"]
     for i, ((table, hook), rules) in enumerate(sorted(
             chains.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value))):
-        if i:
+        if i or sets:
             out.append("")
         ctype, prio = _NFT_HOOK_PRIORITY[table]
         name = f"{table.value}-{hook.value.lower()}"

@@ -1,0 +1,117 @@
+"""Supervise unbound: config written atomically, started in the foreground, reloaded in place.
+
+unbound runs as our child with a parent-death signal, so it never outlives the agent (a killed
+agent pod must not leave a cache that nobody supervises; the dead man's switch has already
+turned interception off by then). Its log goes to a file in the state directory whose tail is
+quoted when it exits, so "address in use" reaches the operator verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from dnsguard.netfilter.errors import NetfilterError
+
+__all__ = ["CacheError", "Unbound"]
+
+log = logging.getLogger("dnsguard.cache")
+
+
+class CacheError(NetfilterError):
+    reason = "cache"
+
+
+def _die_with_parent() -> list[str]:
+    """setpriv sets the parent-death signal then execs: safe in a threaded agent."""
+    return ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
+class Unbound:
+    def __init__(self, state_dir: Path, binary: str = "unbound") -> None:
+        self.state_dir = state_dir
+        self.binary = binary
+        self.conf = state_dir / "unbound.conf"
+        self.logfile = state_dir / "unbound.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def write_config(self, text: str) -> bool:
+        """Validate and atomically install ``text``; True when it differs from the current file."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.conf.exists() and self.conf.read_text() == text:
+            return False
+        tmp = self.conf.with_name(f".{self.conf.name}.{os.getpid()}")
+        tmp.write_text(text)
+        try:
+            res = subprocess.run([f"{self.binary}-checkconf", str(tmp)], capture_output=True,
+                                 text=True, timeout=30, check=False)
+        except FileNotFoundError:
+            tmp.unlink()
+            raise CacheError(f"{self.binary}-checkconf not found: install unbound") from None
+        if res.returncode != 0:
+            tmp.unlink()
+            raise CacheError(f"unbound rejected its config: {(res.stderr or res.stdout).strip()}")
+        tmp.replace(self.conf)
+        return True
+
+    def start(self) -> None:
+        if self.running():
+            return
+        if shutil.which(self.binary) is None:
+            raise CacheError(f"{self.binary} not found: install unbound")
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        with self.logfile.open("ab") as out:
+            try:
+                self.proc = subprocess.Popen(
+                    [*_die_with_parent(), self.binary, "-d", "-c", str(self.conf)],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            except FileNotFoundError:
+                raise CacheError(f"{self.binary} not found: install unbound") from None
+        log.info("started unbound, pid %d", self.proc.pid)
+
+    def exit_reason(self) -> str:
+        """Why the process is not running, from its exit code and the tail of its log."""
+        code = self.proc.poll() if self.proc is not None else None
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else \
+            f"exited with status {code}"
+        tail = ""
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+            errors = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
+            tail = errors[-1].strip() if errors else ""
+        except OSError:
+            pass
+        return f"unbound {how}" + (f": {tail}" if tail else "")
+
+    def reload(self) -> None:
+        """Re-read the config without a restart (same PID; the cache is flushed)."""
+        res = subprocess.run([f"{self.binary}-control", "-c", str(self.conf), "reload"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if res.returncode != 0:
+            raise CacheError(f"unbound-control reload failed: {(res.stderr or res.stdout).strip()}")
+        log.info("unbound reloaded its config")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; only the process we started."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
