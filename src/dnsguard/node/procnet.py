@@ -16,7 +16,9 @@ Everything reads under an injectable ``proc_root``; nothing here writes.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,9 @@ __all__ = [
     "ResolvConf",
     "UdpCounters",
     "UdpSocket",
+    "decode_proc_addr",
     "find_dns_servers",
+    "listening_udp",
     "parse_resolv_conf",
     "parse_snmp",
     "parse_snmp6",
@@ -119,6 +123,19 @@ class UdpSocket:
     port: int
     drops: int
 
+    @property
+    def address(self) -> str:
+        return decode_proc_addr(self.local)
+
+
+def decode_proc_addr(hexaddr: str) -> str:
+    """``/proc/net/udp`` address -> text. The kernel prints each 32-bit word of the address
+    in host byte order, so on little-endian machines every 4-byte group is reversed."""
+    raw = bytes.fromhex(hexaddr)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(raw))
+
 
 def parse_udp_sockets(text: str) -> list[UdpSocket]:
     """``/proc/net/udp`` or ``udp6``: local address, port and the per-socket ``drops`` column."""
@@ -129,6 +146,22 @@ def parse_udp_sockets(text: str) -> list[UdpSocket]:
             continue
         addr, _, port = parts[1].rpartition(":")
         out.append(UdpSocket(addr, int(port, 16), int(parts[-1])))
+    return out
+
+
+def listening_udp(proc_root: Path = Path("/proc")) -> set[tuple[str, int]]:
+    """(address, port) of the UDP sockets of our own namespace."""
+    out: set[tuple[str, int]] = set()
+    for name in ("udp", "udp6"):
+        try:
+            socks = parse_udp_sockets((proc_root / "net" / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for sock in socks:
+            try:
+                out.add((sock.address, sock.port))
+            except ValueError:
+                continue
     return out
 
 
