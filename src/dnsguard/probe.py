@@ -1,0 +1,582 @@
+"""DNS load and latency probe that sends lookups the way glibc does.
+
+What a "lookup" is
+------------------
+glibc (and musl) resolve a name by sending the A and the AAAA query back to back from one UDP
+socket, connected to the server, and waiting for both replies, which they pair with the queries
+by ID. Each lookup uses a new socket, so a new source port, so a new conntrack entry. That
+pattern is exactly what races in conntrack; the probe reproduces it, one socket per lookup (and
+per search-list step with ``--search``, expanding names through resolv.conf's search list and
+ndots like ``res_nsearch``). A lookup that has not got every reply within ``timeout`` of its
+start is a *timeout*: the probe does not retry, because the retry is what hides the problem
+(glibc's retry is the famous 5 s stall).
+
+Why one thread with epoll
+-------------------------
+The generator must not be the bottleneck on a 2-core node, where the DNS server needs the other
+core. Threads would spend the core on the GIL and context switches; a single epoll loop over
+non-blocking sockets costs a handful of syscalls per lookup and no locks. Concurrency is the
+number of lookups in flight (closed loop); an optional ``rate`` paces launches instead (the
+doctor's low-rate probe). ``--via getaddrinfo`` has to block in libc, so it uses threads.
+
+Bounds
+------
+No lookup starts after ``duration`` or once ``count`` have started; lookups still in flight get
+at most their own ``timeout`` to finish, so a run never lasts longer than
+``duration + timeout``.
+
+Results are aggregated as they arrive (latencies in a flat ``array``, rcodes in a Counter, the
+first `MAX_SLOW_EVENTS` slow lookups with their offsets), so a long run at full speed costs
+8 bytes per lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import math
+import random
+import resource
+import select
+import socket
+import struct
+import threading
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dnsguard.dnswire import (
+    QType,
+    build_query,
+    encode_name,
+    query_id,
+    rcode_name,
+)
+from dnsguard.model import IPAddress
+from dnsguard.node.procnet import ResolvConf
+
+__all__ = [
+    "MAX_SLOW_EVENTS",
+    "ProbeConfig",
+    "ProbeReport",
+    "Progress",
+    "SlowLookup",
+    "percentile",
+    "run_probe",
+]
+
+Via = Literal["wire", "getaddrinfo"]
+Clock = Callable[[], float]
+
+#: How many slow lookups are listed individually (the counts cover all of them).
+MAX_SLOW_EVENTS = 200
+#: Latency from which a lookup is "slow" (reported with its offset).
+SLOW = 1.0
+#: Percentiles reported, as fractions.
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What to send, where, how much. Durations in seconds (float)."""
+
+    server: IPAddress | None
+    names: tuple[str, ...]
+    port: int = 53
+    concurrency: int = 10
+    duration: float = 10.0
+    count: int | None = None
+    timeout: float = 5.0
+    qtypes: tuple[QType, ...] = (QType.A, QType.AAAA)
+    via: Via = "wire"
+    resolv: ResolvConf | None = None  # set: expand names like res_nsearch
+    rate: float | None = None  # lookups/s cap; None: as fast as concurrency allows
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("at least one name to look up")
+        if self.via == "wire" and self.server is None:
+            raise ValueError("a server address is needed unless via getaddrinfo")
+        if self.concurrency < 1 or self.timeout <= 0 or self.duration < 0:
+            raise ValueError("concurrency >= 1, timeout > 0 and duration >= 0")
+
+
+@dataclass(frozen=True)
+class SlowLookup:
+    offset: float  # seconds from the start of the run
+    latency: float | None  # None: timed out
+    name: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    elapsed: float
+    duration: float
+    started: int
+    finished: int
+    slow: int
+    timeouts: int
+    count: int | None
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None for no values."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class _Tally:
+    """Results folded in as lookups finish; timeouts stored as +inf latencies."""
+
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    rcodes: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    slow_events: list[SlowLookup] = field(default_factory=list)
+    slow: int = 0
+    queries: int = 0
+
+    def add(self, offset: float, latency: float | None, name: str, outcome: str, *,
+            rcodes: Sequence[str], queries: int) -> None:
+        self.latencies.append(math.inf if latency is None else latency)
+        self.outcomes[outcome] += 1
+        self.rcodes.update(rcodes)
+        self.queries += queries
+        if latency is None or latency >= SLOW:
+            self.slow += 1
+            if len(self.slow_events) < MAX_SLOW_EVENTS:
+                self.slow_events.append(SlowLookup(round(offset, 3), latency, name, outcome))
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """A finished run. Latency statistics include timed-out lookups as infinitely slow, so a
+    percentile that lands on one reads None ("timeout") instead of hiding it."""
+
+    target: str
+    via: str
+    concurrency: int
+    elapsed: float
+    lookups: int
+    queries: int
+    timeout: float
+    percentiles: dict[str, float | None]
+    max: float | None
+    at_least_1s: int
+    at_least_5s: int
+    timeouts: int
+    errors: dict[str, int]
+    rcodes: dict[str, int]
+    slow: tuple[SlowLookup, ...]  # the first MAX_SLOW_EVENTS of them
+    slow_count: int  # lookups that took >= 1 s or timed out (whatever the timeout)
+
+    @property
+    def rate(self) -> float:
+        return self.lookups / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def answered(self) -> int:
+        return self.lookups - self.timeouts - sum(self.errors.values())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "target": self.target, "via": self.via, "concurrency": self.concurrency,
+            "elapsed_seconds": round(self.elapsed, 3), "lookups": self.lookups,
+            "lookups_per_second": round(self.rate, 1), "queries": self.queries,
+            "timeout_seconds": self.timeout,
+            "latency_seconds": {**{k: _r(v) for k, v in self.percentiles.items()},
+                                "max": _r(self.max)},
+            "at_least_1s": self.at_least_1s, "at_least_5s": self.at_least_5s,
+            "timeouts": self.timeouts, "slow_count": self.slow_count,
+            "errors": dict(self.errors), "rcodes": dict(self.rcodes),
+            "slow": [{"offset_seconds": s.offset, "latency_seconds": _r(s.latency),
+                      "name": s.name, "outcome": s.outcome} for s in self.slow],
+        }
+
+    def render(self) -> str:
+        def ms(v: float | None) -> str:
+            if v is None:
+                return "timeout" if self.timeouts else "-"
+            return f"{v * 1000:.1f}ms" if v < 1 else f"{v:.2f}s"
+
+        lines = [
+            f"probe {self.target} via {self.via}: {self.lookups} lookups in {self.elapsed:.1f}s "
+            f"({self.rate:.1f}/s), concurrency {self.concurrency}, {self.queries} queries",
+            "latency  " + "  ".join(f"{k} {ms(v)}" for k, v in self.percentiles.items())
+            + f"  max {ms(self.max)}",
+            f"slow     >=1s {self.at_least_1s}  >=5s {self.at_least_5s}  "
+            f"timeouts {self.timeouts} (after {self.timeout:g}s)  "
+            f"errors {sum(self.errors.values())}"
+            + ("".join(f"  {k} {v}" for k, v in sorted(self.errors.items()))),
+            "rcodes   " + ("  ".join(f"{k} {v}" for k, v in sorted(self.rcodes.items()))
+                           or "(no replies)"),
+        ]
+        if self.slow:
+            shown = ", ".join(
+                f"{s.offset:.2f}s ({'timeout' if s.latency is None else f'{s.latency:.2f}s'}"
+                f"{'' if s.outcome in ('ok', 'timeout') else ' ' + s.outcome})"
+                for s in self.slow[:20])
+            more = len(self.slow) - 20
+            lines.append(f"slow lookups at: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+        return "\n".join(lines)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None or math.isinf(v) else round(v, 6)
+
+
+def _summarize(cfg: ProbeConfig, target: str, tally: _Tally, elapsed: float) -> ProbeReport:
+    ordered = sorted(tally.latencies)
+    pcts = {f"p{q * 100:g}": percentile(ordered, q) for q in QUANTILES}
+    finite = {k: (None if v is None or math.isinf(v) else v) for k, v in pcts.items()}
+    timeouts = tally.outcomes.get("timeout", 0)
+    top = ordered[-1] if ordered else None
+    return ProbeReport(
+        target=target, via=cfg.via, concurrency=cfg.concurrency, elapsed=elapsed,
+        lookups=len(ordered), queries=tally.queries, timeout=cfg.timeout, percentiles=finite,
+        max=None if top is None or math.isinf(top) else top,
+        # A timed-out lookup took at least `timeout`: count it where that bound reaches.
+        at_least_1s=sum(1 for v in ordered if v >= 1.0 and (not math.isinf(v)
+                                                            or cfg.timeout >= 1.0)),
+        at_least_5s=sum(1 for v in ordered if v >= 5.0 and (not math.isinf(v)
+                                                            or cfg.timeout >= 5.0)),
+        timeouts=timeouts,
+        errors={k: v for k, v in sorted(tally.outcomes.items()) if k not in ("ok", "timeout")},
+        rcodes=dict(sorted(tally.rcodes.items())),
+        slow=tuple(tally.slow_events),
+        slow_count=tally.slow,
+    )
+
+
+_ID_FLAGS_COUNTS = struct.Struct("!HHHH")
+_RCODES = tuple(rcode_name(i) for i in range(16))
+
+
+class _Flight:
+    """One lookup in flight: its socket, the IDs it waits for, where it is in the search list.
+
+    The state machine (`on_reply`) is separate from the socket loop so it can be reasoned
+    about alone: a reply counts only if its ID is one we sent and still wait for (a stub
+    resolver drops anything else), and the lookup is done when every query has its reply.
+    """
+
+    __slots__ = ("candidates", "deadline", "done", "name", "pending", "queries", "rcodes",
+                 "sock", "start", "step", "success")
+
+    def __init__(self, name: str, candidates: tuple[bytes, ...], start: float,
+                 deadline: float) -> None:
+        self.name = name
+        self.candidates = candidates
+        self.start = start
+        self.deadline = deadline
+        self.step = 0
+        self.pending: dict[int, int] = {}  # query ID -> qtype
+        self.rcodes: list[str] = []
+        self.success = False
+        self.queries = 0
+        self.done = False
+        self.sock: socket.socket | None = None
+
+    def on_reply(self, data: bytes) -> bool:
+        """Fold in one datagram; True when the current step has all its replies.
+
+        Reads only ID, flags and answer count (the hot path of the probe: no `Header` object).
+        """
+        if len(data) < 12:
+            return False
+        qid, flags, _, ancount = _ID_FLAGS_COUNTS.unpack_from(data)
+        if not flags & 0x8000 or qid not in self.pending:
+            return False
+        del self.pending[qid]
+        rcode = flags & 0xF
+        self.rcodes.append(_RCODES[rcode])
+        if rcode == 0 and ancount > 0:
+            self.success = True
+        return not self.pending
+
+    def next_step(self) -> bool:
+        """After a step completed: move to the next search candidate if glibc would."""
+        if self.success or self.step + 1 >= len(self.candidates):
+            return False
+        self.step += 1
+        return True
+
+
+class _WireProbe:
+    """The epoll loop. Not thread-safe; one instance per run."""
+
+    def __init__(self, cfg: ProbeConfig, clock: Clock,
+                 progress: Callable[[Progress], None] | None, progress_every: float,
+                 stop: threading.Event | None) -> None:
+        assert cfg.server is not None
+        self.cfg = cfg
+        self.clock = clock
+        self.progress = progress
+        self.progress_every = progress_every
+        self.stop = stop
+        self.family = socket.AF_INET if cfg.server.version == 4 else socket.AF_INET6
+        self.addr = (str(cfg.server), cfg.port)
+        self.tally = _Tally()
+        self.flights: dict[int, _Flight] = {}
+        self.deadlines: deque[_Flight] = deque()  # same timeout for all: FIFO == deadline order
+        self.ep = select.epoll()
+        self.started = 0
+        # Encode every candidate name once: the hot loop only packs headers.
+        self.plans: list[tuple[str, tuple[bytes, ...]]] = []
+        for name in cfg.names:
+            cands = cfg.resolv.expand(name) if cfg.resolv else (name.rstrip("."),)
+            self.plans.append((name, tuple(encode_name(c) for c in cands)))
+        self.rng = random.Random()
+
+    def _send_step(self, f: _Flight) -> str | None:
+        """Open a new socket (new source port) and send all queries of the current step."""
+        try:
+            sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            return f"socket: {errno.errorcode.get(exc.errno or 0, exc)}"
+        try:
+            sock.connect(self.addr)
+            wire = f.candidates[f.step]
+            f.pending = {}
+            for qtype in self.cfg.qtypes:
+                qid = query_id(self.rng)
+                while qid in f.pending:
+                    qid = query_id(self.rng)
+                f.pending[qid] = qtype
+                sock.send(build_query(wire, qtype, qid))
+                f.queries += 1
+        except OSError as exc:
+            sock.close()
+            return _oserror_outcome(exc)
+        f.sock = sock
+        fd = sock.fileno()
+        self.flights[fd] = f
+        self.ep.register(fd, select.EPOLLIN)
+        return None
+
+    def _close(self, f: _Flight) -> None:
+        # Closing the only descriptor of a socket also drops it from the epoll set: no
+        # EPOLL_CTL_DEL syscall needed.
+        if f.sock is not None:
+            self.flights.pop(f.sock.fileno(), None)
+            f.sock.close()
+            f.sock = None
+
+    def _finish(self, f: _Flight, now: float, outcome: str, t0: float) -> None:
+        self._close(f)
+        f.done = True
+        latency = None if outcome == "timeout" else now - f.start
+        self.tally.add(f.start - t0, latency, f.name, outcome, rcodes=f.rcodes,
+                       queries=f.queries)
+
+    def _launch(self, now: float, t0: float) -> None:
+        name, cands = self.plans[self.started % len(self.plans)]
+        self.started += 1
+        f = _Flight(name, cands, now, now + self.cfg.timeout)
+        err = self._send_step(f)
+        if err is not None:
+            self._finish(f, self.clock(), err, t0)
+            return
+        self.deadlines.append(f)
+
+    def _on_readable(self, f: _Flight, t0: float) -> None:
+        sock = f.sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP port unreachable surfaces here as ECONNREFUSED
+                self._finish(f, self.clock(), _oserror_outcome(exc), t0)
+                return
+            if f.on_reply(data):
+                now = self.clock()
+                self._close(f)
+                if f.next_step():
+                    err = self._send_step(f)
+                    if err is not None:
+                        self._finish(f, now, err, t0)
+                    return
+                self._finish(f, now, "ok", t0)
+                return
+
+    def run(self) -> ProbeReport:
+        cfg = self.cfg
+        _raise_fd_limit(cfg.concurrency + 64)
+        t0 = self.clock()
+        end = t0 + cfg.duration
+        interval = 1.0 / cfg.rate if cfg.rate else 0.0
+        next_launch = t0
+        next_progress = t0 + self.progress_every
+        try:
+            while True:
+                now = self.clock()
+                launching = (now < end and (cfg.count is None or self.started < cfg.count)
+                             and not (self.stop is not None and self.stop.is_set()))
+                # At most `concurrency` launches per turn, so lookups that fail at once
+                # (no sockets left, no route) cannot spin here without time moving.
+                budget = cfg.concurrency - len(self.flights)
+                while launching and budget > 0 and now >= next_launch:
+                    self._launch(now, t0)
+                    budget -= 1
+                    if interval:
+                        # Paced: no catching up in a burst after the window was full.
+                        next_launch = max(next_launch + interval, now - interval)
+                    launching = cfg.count is None or self.started < cfg.count
+                if not launching and not self.flights:
+                    break
+                # Expire lookups past their deadline (oldest first).
+                while self.deadlines and (self.deadlines[0].done
+                                          or self.deadlines[0].deadline <= now):
+                    expired = self.deadlines.popleft()
+                    if not expired.done:
+                        self._finish(expired, now, "timeout", t0)
+                wait = min(next_progress, self.deadlines[0].deadline if self.deadlines else end,
+                           end if launching else math.inf,
+                           next_launch if launching and interval else math.inf) - now
+                if launching and not interval and len(self.flights) < cfg.concurrency:
+                    wait = 0.0
+                for fd, _ in self.ep.poll(max(0.0, wait), 1024):
+                    ready = self.flights.get(fd)
+                    if ready is not None:
+                        self._on_readable(ready, t0)
+                now = self.clock()
+                if now >= next_progress:
+                    next_progress = now + self.progress_every
+                    if self.progress is not None:
+                        self.progress(self._snapshot(now - t0))
+        finally:
+            for f in list(self.flights.values()):
+                self._close(f)
+            self.ep.close()
+        # Wall time of the whole run, drain included (one round trip when healthy).
+        elapsed = max(self.clock() - t0, 1e-9)
+        return _summarize(cfg, f"{_fmt_addr(self.addr)}", self.tally, elapsed)
+
+    def _snapshot(self, elapsed: float) -> Progress:
+        return Progress(elapsed, self.cfg.duration, self.started, len(self.tally.latencies),
+                        self.tally.slow, self.tally.outcomes.get("timeout", 0), self.cfg.count)
+
+
+def _fmt_addr(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _oserror_outcome(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED:
+        return "refused"
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__).lower()
+
+
+def _raise_fd_limit(need: int) -> None:
+    """One socket per lookup in flight: lift our own soft limit (never the hard one) if short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+_GAI_OUTCOME = {
+    socket.EAI_NONAME: "NXDOMAIN",
+    socket.EAI_AGAIN: "EAI_AGAIN",
+    socket.EAI_FAIL: "EAI_FAIL",
+}
+if hasattr(socket, "EAI_NODATA"):
+    _GAI_OUTCOME[socket.EAI_NODATA] = "NODATA"
+
+
+def _run_getaddrinfo(cfg: ProbeConfig, clock: Clock,
+                     progress: Callable[[Progress], None] | None, progress_every: float,
+                     stop: threading.Event | None) -> ProbeReport:
+    """Lookups through libc: one blocking thread per unit of concurrency.
+
+    libc cannot be interrupted, so the threads are daemons: at ``duration + timeout`` whatever
+    has not returned is counted as a timeout and left behind.
+    """
+    tally = _Tally()
+    lock = threading.Lock()
+    t0 = clock()
+    end = t0 + cfg.duration
+    started = 0
+    in_flight: dict[int, tuple[float, str]] = {}
+    halt = threading.Event()
+
+    def take() -> tuple[int, str] | None:
+        nonlocal started
+        with lock:
+            if (halt.is_set() or clock() >= end or (cfg.count is not None
+                                                    and started >= cfg.count)
+                    or (stop is not None and stop.is_set())):
+                return None
+            i = started
+            started += 1
+            return i, cfg.names[i % len(cfg.names)]
+
+    def worker() -> None:
+        while (job := take()) is not None:
+            i, name = job
+            t = clock()
+            with lock:
+                in_flight[i] = (t, name)
+            try:
+                socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_DGRAM)
+                outcome, rcodes = "ok", ["NOERROR"]
+            except socket.gaierror as exc:
+                code = exc.errno if exc.errno is not None else 0
+                rcodes = [_GAI_OUTCOME.get(code, f"EAI{code}")]
+                # NXDOMAIN is an answer; anything else is the resolver failing.
+                outcome = "ok" if code == socket.EAI_NONAME else rcodes[0]
+            done = clock()
+            with lock:
+                if in_flight.pop(i, None) is None:
+                    return  # already written off as a timeout
+                late = done - t >= cfg.timeout
+                tally.add(t - t0, None if late else done - t, name,
+                          "timeout" if late else outcome, rcodes=rcodes, queries=0)
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"probe-gai-{n}")
+               for n in range(cfg.concurrency)]
+    for th in threads:
+        th.start()
+    next_progress = t0 + progress_every
+    hard_end = end + cfg.timeout
+    while any(th.is_alive() for th in threads) and clock() < hard_end:
+        time.sleep(min(0.05, progress_every))
+        if clock() >= next_progress:
+            next_progress = clock() + progress_every
+            if progress is not None:
+                with lock:
+                    progress(Progress(clock() - t0, cfg.duration, started,
+                                      len(tally.latencies), tally.slow,
+                                      tally.outcomes.get("timeout", 0), cfg.count))
+    halt.set()
+    with lock:
+        for t, name in in_flight.values():
+            tally.add(t - t0, None, name, "timeout", rcodes=[], queries=0)
+        in_flight.clear()
+        elapsed = max(clock() - t0, 1e-9)
+        return _summarize(cfg, "system resolver (getaddrinfo)", tally, elapsed)
+
+
+def run_probe(cfg: ProbeConfig, *, clock: Clock = time.monotonic,
+              progress: Callable[[Progress], None] | None = None,
+              progress_every: float = 1.0, stop: threading.Event | None = None) -> ProbeReport:
+    """Run one probe to completion (bounded by ``duration + timeout``) and summarize it."""
+    if cfg.via == "getaddrinfo":
+        return _run_getaddrinfo(cfg, clock, progress, progress_every, stop)
+    return _WireProbe(cfg, clock, progress, progress_every, stop).run()
+
+
+def parse_server(raw: str) -> IPAddress:
+    """``198.18.1.10`` or ``fd00::a`` (the probe talks to one address)."""
+    return ipaddress.ip_address(raw)
