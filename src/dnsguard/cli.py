@@ -19,6 +19,7 @@ from types import FrameType
 from dnsguard import __version__
 from dnsguard.agent import Agent
 from dnsguard.cache.runtime import STATE_FILES, CacheRuntime, read_status
+from dnsguard.cache.unbound import Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, observe
 from dnsguard.logs import setup_logging
@@ -135,7 +136,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
     nf = _netfilter(obs, runner)
     cache = None
     if p.cache is not None:
-        cache = CacheRuntime(p.cache, settings.state_dir, runner, obs.backend)
+        cache = CacheRuntime(p.cache, settings.state_dir, runner, obs.backend,
+                             unbound=Unbound(settings.state_dir, settings.unbound))
         try:
             cache.prepare()
         except NetfilterError:

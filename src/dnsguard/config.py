@@ -44,6 +44,7 @@ class Settings:
     health_port: int = 53053
     node_resolv_conf: Path = Path("/etc/resolv.conf")
     drain_seconds: float = 2.0
+    unbound: str = "unbound"
 
 
 def env_name(flag: str) -> str:
@@ -76,6 +77,8 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
                        help="loopback port of the cache's health query (default 53053)")
     cache.add_argument("--node-resolv-conf", metavar="FILE",
                        help="resolv.conf whose nameservers get names outside the cluster")
+    cache.add_argument("--unbound", metavar="PATH",
+                       help="the unbound binary (default: unbound on PATH)")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
@@ -196,6 +199,8 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["health_port"] = _port("--health-port", str(raw))
     if (raw := _raw(ns, env, "--node-resolv-conf")) is not None:
         kwargs["node_resolv_conf"] = Path(str(raw))
+    if (raw := _raw(ns, env, "--unbound")) is not None:
+        kwargs["unbound"] = str(raw)
     if (raw := _raw(ns, env, "--drain-seconds")) is not None:
         kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:

@@ -43,6 +43,10 @@ class Unbound:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    def _tool(self, suffix: str) -> str:
+        """unbound-checkconf / unbound-control next to the configured unbound."""
+        return f"{self.binary}-{suffix}"
+
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -54,7 +58,7 @@ class Unbound:
         tmp = self.conf.with_name(f".{self.conf.name}.{os.getpid()}")
         tmp.write_text(text)
         try:
-            res = subprocess.run([f"{self.binary}-checkconf", str(tmp)], capture_output=True,
+            res = subprocess.run([self._tool("checkconf"), str(tmp)], capture_output=True,
                                  text=True, timeout=30, check=False)
         except FileNotFoundError:
             tmp.unlink()
@@ -96,7 +100,7 @@ class Unbound:
 
     def reload(self) -> None:
         """Re-read the config without a restart (same PID; the cache is flushed)."""
-        res = subprocess.run([f"{self.binary}-control", "-c", str(self.conf), "reload"],
+        res = subprocess.run([self._tool("control"), "-c", str(self.conf), "reload"],
                              capture_output=True, text=True, timeout=30, check=False)
         if res.returncode != 0:
             raise CacheError(f"unbound-control reload failed: {(res.stderr or res.stdout).strip()}")

@@ -196,27 +196,39 @@ class IptablesBackend:
     def cleanup(self, families: Iterable[Family]) -> list[tuple[Family, Table]]:
         """Remove every ``DNSGUARD-*`` chain and jump; return what was removed.
 
-        With iptables-nft, a table our removal left empty (built-in chains only, no rules,
-        ACCEPT policies) is deleted too, so ``iptables-nft-save`` reads as if dnsguard had never
-        run. The deletion is one nft transaction that the kernel refuses if any chain holds a
-        rule or the table holds anything else, so a rule added meanwhile is never lost.
+        iptables-nft creates built-in chains and tables only when a rule first needs them, so
+        after our removal it may hold built-in chains (and tables) that exist only because of
+        us. Empty ones with an ACCEPT policy are deleted too, so ``iptables-nft-save`` reads as
+        if dnsguard had never run. The deletion is one nft transaction, which the kernel
+        refuses if a chain meanwhile got a rule, so nobody else's rule is ever lost.
         """
         removed = [(f, t) for f in families for t in self.apply(Plan(()), f)]
         if self._flavour == "nft":
             for family, table in removed:
-                self._drop_if_empty(family, table)
+                self._drop_empty_builtins(family, table)
         return removed
 
-    def _drop_if_empty(self, family: Family, table: Table) -> None:
+    def _drop_empty_builtins(self, family: Family, table: Table) -> None:
         res = self.runner.run([self._tool(family, "save"), "-t", table.value])
-        lines = [ln for ln in res.stdout.splitlines() if ln and not ln.startswith(("#", "*"))
-                 and ln != "COMMIT"]
-        if not res.ok or any(not ln.startswith(":") or " ACCEPT " not in ln for ln in lines):
+        if not res.ok:
+            return
+        chains: dict[str, str] = {}
+        used: set[str] = set()
+        for line in res.stdout.splitlines():
+            if line.startswith(":"):
+                name, policy = line[1:].split()[:2]
+                chains[name] = policy
+            elif line.startswith("-A "):
+                used.add(line.split()[1])
+        empty = [c for c, policy in chains.items()
+                 if c in _BUILTIN and policy == "ACCEPT" and c not in used]
+        if not empty:
             return
         fam = family.nft_addr
-        chains = [ln[1:].split()[0] for ln in lines]
-        text = "".join(f"delete chain {fam} {table.value} {c}\n" for c in chains)
-        self.runner.run(["nft", "-f", "-"], stdin=text + f"delete table {fam} {table.value}\n")
+        text = "".join(f"delete chain {fam} {table.value} {c}\n" for c in empty)
+        if len(empty) == len(chains):
+            text += f"delete table {fam} {table.value}\n"
+        self.runner.run(["nft", "-f", "-"], stdin=text)
 
     def _restore(self, family: Family, text: str) -> None:
         tool = self._tool(family, "restore")

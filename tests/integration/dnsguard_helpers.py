@@ -1,0 +1,106 @@
+"""Running the real dnsguard CLI and agent inside a lab node, for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dnsguard.model import Backend, ProxyMode
+from dnsguard.testing.lab import Lab, dns_pod_ip
+
+#: (proxy mode, kube-proxy's iptables flavour) -> the backend dnsguard should pick
+VARIANTS = {
+    "iptables-legacy": (ProxyMode.IPTABLES, "legacy", Backend.IPTABLES_LEGACY),
+    "iptables-nft": (ProxyMode.IPTABLES, "nft", Backend.IPTABLES_NFT),
+    "nftables": (ProxyMode.NFTABLES, "nft", Backend.NFTABLES),
+}
+
+
+def dnsguard(lab: Lab, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """One dnsguard command on the lab's node (its own network namespace)."""
+    return lab.node_run([sys.executable, "-m", "dnsguard", *args], check=False, timeout=timeout)
+
+
+def nodelocal_args(lab: Lab, state: Path) -> list[str]:
+    """Flags for node-local mode on a lab node: endpoints as upstreams, lab-only resolv.conf."""
+    resolv = state / "node-resolv.conf"
+    state.mkdir(parents=True, exist_ok=True)
+    # names outside the cluster go to a lab DNS pod, never to the host's resolver
+    resolv.write_text(f"nameserver {dns_pod_ip(0)}\n")
+    args = ["--mitigation", "nodelocal", "--state-dir", str(state),
+            "--node-resolv-conf", str(resolv), "--sync-interval", "1"]
+    for ip in lab.dns_ips:
+        args += ["--dns-ip", str(ip)]
+    for ip in lab.dns_endpoints:
+        args += ["--upstream", f"[{ip}]:53" if ip.version == 6 else str(ip)]
+    return args
+
+
+def without_empty_legacy_tables(snapshot: str) -> str:
+    """Drop iptables-legacy tables holding only empty built-in chains with ACCEPT policies.
+
+    The legacy kernel tables, once a rule has been written to them in a namespace, stay
+    instantiated until the namespace goes away; an empty one is exactly as if absent, but
+    ``iptables-legacy-save`` still prints it. Only the legacy sections are normalised: for
+    iptables-nft and nft the snapshots must be identical as printed.
+    """
+    out: list[str] = []
+    section = ""
+    table: list[str] = []
+    for line in snapshot.splitlines():
+        if line.startswith("### "):
+            section = line
+        if "legacy" in section and line.startswith("*"):
+            table = [line]
+            continue
+        if table:
+            table.append(line)
+            if line == "COMMIT":
+                body = table[1:-1]
+                empty = all(ln.startswith(":") and " ACCEPT " in ln for ln in body)
+                if not empty:
+                    out.extend(table)
+                table = []
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def status(lab: Lab, args: Sequence[str]) -> dict[str, object]:
+    res = dnsguard(lab, "status", "--json", *args)
+    doc: dict[str, object] = json.loads(res.stdout)
+    return doc
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.1) -> float:
+    """Seconds until ``pred`` held; raises AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if pred():
+            return time.monotonic() - start
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def start_agent(lab: Lab, args: Sequence[str], log: Path) -> subprocess.Popen[str]:
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return lab.popen_in(lab.node_netns, [sys.executable, "-m", "dnsguard", "run", *args],
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_agent(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
+    proc.terminate()
+    return proc.wait(timeout=timeout)
+
+
+def conntrack_to(lab: Lab, addr: str, port: int = 53) -> int:
+    """Entries on the node whose original destination is ``addr:port`` (UDP or TCP)."""
+    fam = "ipv6" if ":" in addr else "ipv4"
+    out = lab.node_run(["conntrack", "-L", "-f", fam, "--orig-dst", addr], check=False).stdout
+    return sum(1 for ln in out.splitlines()
+               if re.search(rf"\bdport={port}\b", ln) and ln.split()[0] in ("udp", "tcp"))

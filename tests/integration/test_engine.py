@@ -1,0 +1,139 @@
+"""The rules engine on the real kernel, in a lab node, for every backend this kernel has.
+
+NOTRACK itself is only allowed in IPVS mode, which this kernel lacks (see test_ipvs_mode.py,
+which runs under qemu); here the engine is driven with the node-local plan, which exercises the
+same observe -> diff -> restore -> cleanup path on raw, filter and (nft) every hook.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from dnsguard_helpers import (
+    VARIANTS,
+    dnsguard,
+    nodelocal_args,
+    start_agent,
+    status,
+    stop_agent,
+    wait_for,
+    without_empty_legacy_tables,
+)
+
+from dnsguard.testing.lab import Lab, LabConfig
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def lab(variant: str):
+    mode, flavour, _ = VARIANTS[variant]
+    with Lab(LabConfig(proxy_mode=mode, iptables=flavour, ipv6=True)) as lab:  # type: ignore[arg-type]
+        yield lab
+
+
+def test_auto_detects_proxy_mode_and_backend(lab: Lab, variant: str) -> None:
+    mode, _, backend = VARIANTS[variant]
+    res = dnsguard(lab, "plan", "--mitigation", "nodelocal", "--upstream", "198.18.0.101",
+                   "--dns-ip", "198.18.1.10", "--node-resolv-conf", "/dev/null")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"# proxy mode {mode.value}, backend {backend.value},")
+    assert f"proxy mode {mode.value} detected:" in res.stderr
+
+
+def test_notrack_to_the_cluster_ip_is_refused_and_nothing_changes(lab: Lab) -> None:
+    before = lab.save_rules()
+    args = ["--mitigation", "notrack", "--pod-cidr", "198.18.0.0/24"]
+    for ip in lab.dns_ips:
+        args += ["--dns-ip", str(ip)]
+    for command in ("apply", "plan", "run"):
+        res = dnsguard(lab, command, *args, timeout=20)
+        assert res.returncode == 2, (command, res.stdout, res.stderr)
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("dnsguard: error:")]
+        assert len(errors) == 1 and "untracked packets are never NATed" in errors[0]
+    assert lab.save_rules() == before
+    result = lab.lookup_load(count=10, concurrency=2, duration=10)
+    assert result.summary().failed == 0
+
+
+def test_apply_is_exact_idempotent_and_cleanup_restores_every_table(
+        lab: Lab, tmp_path: Path) -> None:
+    before = lab.save_rules()
+    args = nodelocal_args(lab, tmp_path)
+    res = dnsguard(lab, "apply", *args)
+    assert res.returncode == 0, res.stderr
+    assert "in sync" in res.stdout
+    st = status(lab, args)
+    assert st["in_sync"] is True and st["drift"] == []
+    applied = lab.save_rules()
+    assert applied != before
+    again = dnsguard(lab, "apply", *args)
+    assert again.returncode == 0 and "applied" not in again.stderr  # nothing was written
+    assert lab.save_rules() == applied
+    # dormant interception: DNS still flows through kube-proxy while no cache is healthy
+    assert lab.lookup_load(count=10, concurrency=2, duration=10).summary().failed == 0
+    res = dnsguard(lab, "cleanup", "--state-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert without_empty_legacy_tables(lab.save_rules()) == without_empty_legacy_tables(before)
+    assert lab.node_run(["ip", "link", "show", "dnsguard0"], check=False).returncode != 0
+    again = dnsguard(lab, "cleanup", "--state-dir", str(tmp_path))
+    assert "dnsguard owned nothing" in again.stdout
+
+
+def test_kube_proxy_resync_keeps_dnsguard_first_in_line(lab: Lab, tmp_path: Path) -> None:
+    args = nodelocal_args(lab, tmp_path)
+    assert dnsguard(lab, "apply", *args).returncode == 0
+    lab.resync_kube_proxy()
+    assert status(lab, args)["in_sync"] is True
+    dnsguard(lab, "cleanup", "--state-dir", str(tmp_path))
+
+
+def _flush_ours(lab: Lab, variant: str) -> None:
+    if variant == "nftables":
+        lab.node_run(["nft", "flush", "chain", "inet", "dnsguard", "raw-prerouting"])
+    else:
+        tool = "iptables-legacy" if variant.endswith("legacy") else "iptables-nft"
+        lab.node_run([tool, "-t", "raw", "-F"])  # everyone's raw rules, as a careless admin would
+
+
+def test_agent_restores_outside_flush_within_one_interval_and_sigterm_cleans_up(
+        lab: Lab, variant: str, tmp_path: Path) -> None:
+    before = lab.save_rules()
+    args = nodelocal_args(lab, tmp_path / "state")
+    log = tmp_path / "agent.log"
+    agent = start_agent(lab, args, log)
+    try:
+        wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=15)
+        _flush_ours(lab, variant)
+        flushed_at = time.monotonic()
+        assert status(lab, args)["in_sync"] is False
+        took = wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=5)
+        assert took <= 1.0 + 1.0, f"repair took {took:.2f}s with --sync-interval 1"
+        assert time.monotonic() - flushed_at < 3
+        assert "rules changed outside dnsguard" in log.read_text()
+    finally:
+        rc = stop_agent(agent)
+    assert rc == 0, log.read_text()
+    assert "received SIGTERM" in log.read_text()
+    assert without_empty_legacy_tables(lab.save_rules()) == without_empty_legacy_tables(before)
+    assert lab.node_run(["ip", "link", "show", "dnsguard0"], check=False).returncode != 0
+
+
+def test_sigint_with_skip_teardown_leaves_rules(lab: Lab, tmp_path: Path) -> None:
+    args = [*nodelocal_args(lab, tmp_path / "state"), "--skip-teardown", "--drain-seconds", "0"]
+    agent = start_agent(lab, args, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=15)
+    finally:
+        agent.send_signal(signal.SIGINT)
+        assert agent.wait(timeout=20) == 0
+    assert status(lab, args)["in_sync"] is True
+    dnsguard(lab, "cleanup", "--state-dir", str(tmp_path / "state"))
