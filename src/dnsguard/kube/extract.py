@@ -1,0 +1,126 @@
+"""Pure extractors: from one API object (a JSON dict as the server sent it) to the few fields
+the planner needs, as small frozen values.
+
+Reflectors store only these values, never the objects: a Service or an EndpointSlice weighs
+kilobytes as JSON and far more as the client's model objects, while what dnsguard plans from is
+a handful of addresses. That keeps a watch of every Service in a 10k-Service cluster at a few
+megabytes. Malformed fields are skipped with a warning instead of failing the whole object:
+one odd EndpointSlice must not blank out every DNS upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from dnsguard.model import IPAddress, IPNetwork
+
+__all__ = ["endpoint_key", "node_pod_cidrs", "object_key", "service_cluster_ips",
+           "slice_dns_endpoints"]
+
+log = logging.getLogger("dnsguard.kube")
+
+Endpoint = tuple[IPAddress, int]
+
+#: The port of the kube-dns Service that carries UDP DNS (CoreDNS and kube-dns both name it so).
+DNS_PORT_NAME = "dns"
+DNS_PORT = 53
+
+
+def _dict(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """``namespace/name`` (``name`` for cluster-scoped objects): the store key of an object."""
+    meta = _dict(obj.get("metadata"))
+    ns, name = meta.get("namespace") or "", meta.get("name") or ""
+    return f"{ns}/{name}" if ns else str(name)
+
+
+def _ip(raw: object, what: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(str(raw))
+    except ValueError:
+        log.warning("ignoring %s %r: not an IP address", what, raw)
+        return None
+
+
+def endpoint_key(ep: Endpoint) -> tuple[int, int, int]:
+    """Sort key for endpoints of both families (IPv4 first; addresses compare as integers)."""
+    return (ep[0].version, int(ep[0]), ep[1])
+
+
+def service_cluster_ips(obj: Mapping[str, Any]) -> tuple[IPAddress, ...]:
+    """A Service's ClusterIPs, primary family first; () for headless and ExternalName."""
+    spec = _dict(obj.get("spec"))
+    raw = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    ips: list[IPAddress] = []
+    for value in raw if isinstance(raw, list) else []:
+        if value in (None, "", "None"):  # "None" is how a headless Service says it has none
+            continue
+        ip = _ip(value, f"clusterIP of Service {object_key(obj)}")
+        if ip is not None and ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _dns_port(ports: Iterable[object]) -> int | None:
+    """The UDP port named "dns", else any UDP port 53; EndpointPort.protocol defaults to TCP."""
+    fallback = None
+    for p in ports:
+        port = _dict(p)
+        number, proto = port.get("port"), port.get("protocol") or "TCP"
+        if proto != "UDP" or not isinstance(number, int):
+            continue
+        if port.get("name") == DNS_PORT_NAME:
+            return number
+        if number == DNS_PORT:
+            fallback = number
+    return fallback
+
+
+def slice_dns_endpoints(obj: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+    """Ready (address, UDP DNS port) pairs of one EndpointSlice, sorted.
+
+    ``conditions.ready`` unset means ready, as the API documents for consumers; terminating
+    endpoints are never ready. FQDN slices and slices without a DNS port contribute nothing.
+    """
+    if obj.get("addressType") not in ("IPv4", "IPv6"):
+        return ()
+    ports = obj.get("ports")
+    port = _dns_port(ports if isinstance(ports, list) else [])
+    if port is None:
+        return ()
+    out: set[Endpoint] = set()
+    endpoints = obj.get("endpoints")
+    for raw in endpoints if isinstance(endpoints, list) else []:
+        ep = _dict(raw)
+        if _dict(ep.get("conditions")).get("ready") is False:
+            continue
+        addresses = ep.get("addresses")
+        for addr in addresses if isinstance(addresses, list) else []:
+            ip = _ip(addr, f"endpoint of EndpointSlice {object_key(obj)}")
+            if ip is not None:
+                out.add((ip, port))
+    return tuple(sorted(out, key=endpoint_key))
+
+
+def node_pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
+    """A Node's ``spec.podCIDRs`` (or the older single ``spec.podCIDR``); () until assigned."""
+    spec = _dict(obj.get("spec"))
+    raw = spec.get("podCIDRs") or [spec.get("podCIDR")]
+    cidrs: list[IPNetwork] = []
+    for value in raw if isinstance(raw, list) else []:
+        if not value:
+            continue
+        try:
+            net = ipaddress.ip_network(str(value), strict=True)
+        except ValueError:
+            log.warning("ignoring podCIDR %r of Node %s: not a network", value, object_key(obj))
+            continue
+        if net not in cidrs:
+            cidrs.append(net)
+    return tuple(cidrs)
