@@ -33,12 +33,15 @@ first `MAX_SLOW_EVENTS` slow lookups with their offsets), so a long run at full 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import math
+import multiprocessing
 import random
 import resource
 import select
+import signal
 import socket
 import struct
 import threading
@@ -47,7 +50,9 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
+from typing import Any, Literal
 
 from dnsguard.dnswire import (
     QType,
@@ -62,6 +67,7 @@ from dnsguard.node.procnet import ResolvConf
 __all__ = [
     "MAX_SLOW_EVENTS",
     "ProbeConfig",
+    "ProbeError",
     "ProbeReport",
     "Progress",
     "SlowLookup",
@@ -105,6 +111,10 @@ class ProbeConfig:
             raise ValueError("concurrency >= 1, timeout > 0 and duration >= 0")
 
 
+class ProbeError(RuntimeError):
+    """The probe itself failed (not the DNS server): a worker process died."""
+
+
 @dataclass(frozen=True)
 class SlowLookup:
     offset: float  # seconds from the start of the run
@@ -134,7 +144,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 
 @dataclass
 class _Tally:
-    """Results folded in as lookups finish; timeouts stored as +inf latencies."""
+    """Results folded in as lookups finish.
+
+    Only answered lookups have a latency; a lookup that timed out or failed is stored as
+    +inf, so it sorts above every answer and a percentile that lands on it is "no answer",
+    never a fast number (a quick ECONNREFUSED must not make the server look fast).
+    """
 
     latencies: array[float] = field(default_factory=lambda: array("d"))
     rcodes: Counter[str] = field(default_factory=Counter)
@@ -145,14 +160,16 @@ class _Tally:
 
     def add(self, offset: float, latency: float | None, name: str, outcome: str, *,
             rcodes: Sequence[str], queries: int) -> None:
-        self.latencies.append(math.inf if latency is None else latency)
+        answered = outcome == "ok" and latency is not None
+        self.latencies.append(latency if answered and latency is not None else math.inf)
         self.outcomes[outcome] += 1
         self.rcodes.update(rcodes)
         self.queries += queries
-        if latency is None or latency >= SLOW:
+        if not answered or (latency is not None and latency >= SLOW):
             self.slow += 1
             if len(self.slow_events) < MAX_SLOW_EVENTS:
-                self.slow_events.append(SlowLookup(round(offset, 3), latency, name, outcome))
+                self.slow_events.append(SlowLookup(
+                    round(offset, 3), latency if answered else None, name, outcome))
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,7 @@ class ProbeReport:
     errors: dict[str, int]
     rcodes: dict[str, int]
     slow: tuple[SlowLookup, ...]  # the first MAX_SLOW_EVENTS of them
-    slow_count: int  # lookups that took >= 1 s or timed out (whatever the timeout)
+    slow_count: int  # lookups that took >= 1 s, timed out or failed
 
     @property
     def rate(self) -> float:
@@ -203,7 +220,7 @@ class ProbeReport:
     def render(self) -> str:
         def ms(v: float | None) -> str:
             if v is None:
-                return "timeout" if self.timeouts else "-"
+                return "-" if not self.lookups else "timeout" if self.timeouts else "failed"
             return f"{v * 1000:.1f}ms" if v < 1 else f"{v:.2f}s"
 
         lines = [
@@ -238,15 +255,16 @@ def _summarize(cfg: ProbeConfig, target: str, tally: _Tally, elapsed: float) -> 
     finite = {k: (None if v is None or math.isinf(v) else v) for k, v in pcts.items()}
     timeouts = tally.outcomes.get("timeout", 0)
     top = ordered[-1] if ordered else None
+    answered_slow = [v for v in ordered if not math.isinf(v)]
     return ProbeReport(
         target=target, via=cfg.via, concurrency=cfg.concurrency, elapsed=elapsed,
         lookups=len(ordered), queries=tally.queries, timeout=cfg.timeout, percentiles=finite,
         max=None if top is None or math.isinf(top) else top,
         # A timed-out lookup took at least `timeout`: count it where that bound reaches.
-        at_least_1s=sum(1 for v in ordered if v >= 1.0 and (not math.isinf(v)
-                                                            or cfg.timeout >= 1.0)),
-        at_least_5s=sum(1 for v in ordered if v >= 5.0 and (not math.isinf(v)
-                                                            or cfg.timeout >= 5.0)),
+        at_least_1s=sum(1 for v in answered_slow if v >= 1.0)
+        + (timeouts if cfg.timeout >= 1.0 else 0),
+        at_least_5s=sum(1 for v in answered_slow if v >= 5.0)
+        + (timeouts if cfg.timeout >= 5.0 else 0),
         timeouts=timeouts,
         errors={k: v for k, v in sorted(tally.outcomes.items()) if k not in ("ok", "timeout")},
         rcodes=dict(sorted(tally.rcodes.items())),
@@ -409,9 +427,20 @@ class _WireProbe:
                 return
 
     def run(self) -> ProbeReport:
+        t0 = self.clock()
+        self.loop(t0)
+        # Wall time of the whole run, drain included (one round trip when healthy).
+        elapsed = max(self.clock() - t0, 1e-9)
+        return _summarize(self.cfg, self.target, self.tally, elapsed)
+
+    @property
+    def target(self) -> str:
+        return _fmt_addr(self.addr)
+
+    def loop(self, t0: float) -> None:
+        """Run to completion; lookup offsets are measured from ``t0``."""
         cfg = self.cfg
         _raise_fd_limit(cfg.concurrency + 64)
-        t0 = self.clock()
         end = t0 + cfg.duration
         interval = 1.0 / cfg.rate if cfg.rate else 0.0
         next_launch = t0
@@ -457,9 +486,6 @@ class _WireProbe:
             for f in list(self.flights.values()):
                 self._close(f)
             self.ep.close()
-        # Wall time of the whole run, drain included (one round trip when healthy).
-        elapsed = max(self.clock() - t0, 1e-9)
-        return _summarize(cfg, f"{_fmt_addr(self.addr)}", self.tally, elapsed)
 
     def _snapshot(self, elapsed: float) -> Progress:
         return Progress(elapsed, self.cfg.duration, self.started, len(self.tally.latencies),
@@ -568,12 +594,123 @@ def _run_getaddrinfo(cfg: ProbeConfig, clock: Clock,
         return _summarize(cfg, "system resolver (getaddrinfo)", tally, elapsed)
 
 
+def _split(cfg: ProbeConfig, workers: int) -> list[ProbeConfig]:
+    """Share concurrency, count and rate between workers (the first ones take remainders)."""
+    def share(total: int, i: int) -> int:
+        return total // workers + (1 if i < total % workers else 0)
+
+    parts = []
+    for i in range(workers):
+        parts.append(dataclasses.replace(
+            cfg, concurrency=max(1, share(cfg.concurrency, i)),
+            count=None if cfg.count is None else share(cfg.count, i),
+            rate=None if cfg.rate is None else cfg.rate / workers))
+    return [p for p in parts if p.count is None or p.count > 0]
+
+
+@dataclass(frozen=True)
+class _Job:
+    cfg: ProbeConfig
+    t0: float  # the parent's start: every worker measures offsets from the same instant
+    slot: int
+    progress_every: float
+
+
+def _worker_main(job: _Job, shared: Any, conn: Connection) -> None:
+    """One forked worker: its share of the lookups, progress in ``shared[slot]``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    slot = job.slot
+
+    def report(p: Progress) -> None:
+        shared[slot * 4:slot * 4 + 4] = [p.started, p.finished, p.slow, p.timeouts]
+
+    probe = _WireProbe(job.cfg, time.monotonic, report, job.progress_every, None)
+    probe.loop(job.t0)
+    conn.send(probe.tally)
+    conn.close()
+
+
+def _merge(tallies: Sequence[_Tally]) -> _Tally:
+    out = _Tally()
+    for t in tallies:
+        out.latencies.extend(t.latencies)
+        out.rcodes.update(t.rcodes)
+        out.outcomes.update(t.outcomes)
+        out.slow += t.slow
+        out.queries += t.queries
+        out.slow_events.extend(t.slow_events)
+    out.slow_events = sorted(out.slow_events, key=lambda e: e.offset)[:MAX_SLOW_EVENTS]
+    return out
+
+
+def _run_workers(cfg: ProbeConfig, workers: int,
+                 progress: Callable[[Progress], None] | None,
+                 progress_every: float) -> ProbeReport:
+    """The wire probe in ``workers`` forked processes, for machines with cores to spare.
+
+    Each worker is the same single-threaded loop over its share; results come back once, at
+    the end, through a pipe. The parent only waits and prints progress. Workers are our own
+    children, ended by their PID if they overstay ``duration + timeout``.
+    """
+    ctx = multiprocessing.get_context("fork")
+    parts = _split(cfg, workers)
+    shared = ctx.RawArray("d", 4 * len(parts))
+    t0 = time.monotonic()
+    procs = []
+    conns: dict[Connection, int] = {}
+    for i, part in enumerate(parts):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker_main,
+                           args=(_Job(part, t0, i, progress_every), shared, send),
+                           name=f"dnsguard-probe-{i}", daemon=True)
+        proc.start()
+        send.close()
+        procs.append(proc)
+        conns[recv] = i
+    tallies: list[_Tally] = []
+    lost = 0
+    hard_end = t0 + cfg.duration + cfg.timeout + 10.0
+    try:
+        while conns and time.monotonic() < hard_end:
+            for ready in mp_wait(list(conns), timeout=progress_every):
+                assert isinstance(ready, Connection)
+                try:
+                    tallies.append(ready.recv())
+                except EOFError:  # a worker that died sends nothing
+                    lost += 1
+                del conns[ready]
+            if progress is not None:
+                v = list(shared)
+                progress(Progress(time.monotonic() - t0, cfg.duration, int(sum(v[0::4])),
+                                  int(sum(v[1::4])), int(sum(v[2::4])), int(sum(v[3::4])),
+                                  cfg.count))
+    finally:
+        for proc in procs:
+            proc.join(timeout=0.5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if conns or lost:
+        raise ProbeError(f"{len(conns) + lost} of {len(parts)} probe workers returned no "
+                         "result (killed, or out of memory?)")
+    elapsed = max(time.monotonic() - t0, 1e-9)
+    assert cfg.server is not None
+    return _summarize(cfg, _fmt_addr((str(cfg.server), cfg.port)), _merge(tallies), elapsed)
+
+
 def run_probe(cfg: ProbeConfig, *, clock: Clock = time.monotonic,
               progress: Callable[[Progress], None] | None = None,
-              progress_every: float = 1.0, stop: threading.Event | None = None) -> ProbeReport:
-    """Run one probe to completion (bounded by ``duration + timeout``) and summarize it."""
+              progress_every: float = 1.0, stop: threading.Event | None = None,
+              workers: int = 1) -> ProbeReport:
+    """Run one probe to completion (bounded by ``duration + timeout``) and summarize it.
+
+    ``workers`` > 1 forks that many processes for the wire probe (``clock`` and ``stop`` then
+    do not apply: each worker uses the monotonic clock and runs its share to the end).
+    """
     if cfg.via == "getaddrinfo":
         return _run_getaddrinfo(cfg, clock, progress, progress_every, stop)
+    if workers > 1:
+        return _run_workers(cfg, workers, progress, progress_every)
     return _WireProbe(cfg, clock, progress, progress_every, stop).run()
 
 

@@ -368,7 +368,15 @@ def test_slow_or_timed_out_lookups(slow: int, timeouts: int, severity: Severity)
     found = classify_probes((ProbeSample("cluster DNS 10.96.0.10",
                                          report(100, slow=slow, timeouts=timeouts)),))
     assert ids(found) == {"dns-slow-lookups": severity}
-    assert f"{slow + timeouts} of 100 lookups slow" in found[0].evidence[0]
+    assert f"{slow + timeouts} of 100 lookups slow or failed" in found[0].evidence[0]
+
+
+def test_some_failed_lookups_count_as_slow() -> None:
+    r = report(100, errors=3)
+    r = ProbeReport(**{**r.__dict__, "slow_count": 3})
+    found = classify_probes((ProbeSample("cluster DNS 10.96.0.10", r),))
+    assert ids(found) == {"dns-slow-lookups": Severity.WARNING}  # 3% < 5%
+    assert "failed 3 (refused 3)" in found[0].evidence[0]
 
 
 def test_nothing_answered_or_probe_failed_is_unreachable() -> None:

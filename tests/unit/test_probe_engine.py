@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from dnsguard.cli_diag import add_commands, probe_config, probe_exit
+from dnsguard.cli_diag import add_commands, probe_config, probe_exit, probe_workers
 from dnsguard.config import ConfigError, Settings
 from dnsguard.dnswire import QType, encode_name
 from dnsguard.node.procnet import ResolvConf
-from dnsguard.probe import ProbeConfig, _Flight, _summarize, _Tally, percentile
+from dnsguard.probe import (
+    MAX_SLOW_EVENTS,
+    ProbeConfig,
+    _Flight,
+    _merge,
+    _split,
+    _summarize,
+    _Tally,
+    percentile,
+)
 
 K8S = ResolvConf(search=("default.svc.cluster.local", "svc.cluster.local", "cluster.local"),
                  ndots=5)
@@ -86,23 +95,24 @@ def _cfg(**kw: object) -> ProbeConfig:
     return ProbeConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def test_summary_counts_timeouts_as_slow_and_never_as_fast() -> None:
+def test_summary_never_counts_timeouts_or_failures_as_fast() -> None:
     tally = _Tally()
     for i in range(997):
         tally.add(i / 100, 0.002, "svc", "ok", rcodes=["NOERROR", "NOERROR"], queries=2)
     tally.add(3.0, 1.5, "svc", "ok", rcodes=["NOERROR", "NOERROR"], queries=2)
     tally.add(4.0, None, "svc", "timeout", rcodes=["NOERROR"], queries=2)
-    tally.add(4.5, None, "svc", "refused", rcodes=[], queries=2)
+    tally.add(4.5, 0.0001, "svc", "refused", rcodes=[], queries=2)  # a fast failure
     r = _summarize(_cfg(), "198.18.0.101:53", tally, elapsed=10.0)
     assert r.lookups == 1000 and r.rate == 100.0
     assert r.percentiles["p50"] == 0.002
-    assert r.percentiles["p99.9"] is None  # lands on a timed-out lookup: not a latency
+    assert r.percentiles["p99.9"] is None  # lands on an unanswered lookup: not a latency
+    assert r.percentiles["p99"] == 0.002
     assert r.max is None
-    assert (r.at_least_1s, r.at_least_5s, r.timeouts) == (3, 2, 1)
+    assert (r.at_least_1s, r.at_least_5s, r.timeouts) == (2, 1, 1)  # the failure was quick
     assert r.errors == {"refused": 1}
     assert r.answered == 998
-    assert [s.offset for s in r.slow] == [3.0, 4.0, 4.5]
-    assert r.slow_count == 3
+    assert [(s.offset, s.latency) for s in r.slow] == [(3.0, 1.5), (4.0, None), (4.5, None)]
+    assert r.slow_count == 3  # slow, timed out, failed
     assert probe_exit(r) == 3
     text = r.render()
     assert "timeouts 1 (after 5s)" in text and "refused 1" in text and "3.00s (1.50s)" in text
@@ -124,6 +134,27 @@ def test_config_refuses_nonsense() -> None:
         _cfg(server=None)
     with pytest.raises(ValueError):
         _cfg(concurrency=0)
+
+
+def test_workers_share_the_load_exactly() -> None:
+    parts = _split(_cfg(concurrency=10, count=7, rate=30.0), 3)
+    assert [p.concurrency for p in parts] == [4, 3, 3]
+    assert [p.count for p in parts] == [3, 2, 2]
+    assert [p.rate for p in parts] == [10.0, 10.0, 10.0]
+    assert [p.count for p in _split(_cfg(concurrency=4, count=2), 4)] == [1, 1]  # no idle ones
+
+
+def test_merged_results_keep_every_lookup_and_the_earliest_slow_ones() -> None:
+    a, b = _Tally(), _Tally()
+    for i in range(MAX_SLOW_EVENTS):
+        a.add(10.0 + i, None, "x", "timeout", rcodes=[], queries=2)
+    b.add(0.5, 0.001, "x", "ok", rcodes=["NOERROR"] * 2, queries=2)
+    b.add(1.0, None, "x", "timeout", rcodes=[], queries=2)
+    m = _merge([a, b])
+    assert len(m.latencies) == MAX_SLOW_EVENTS + 2
+    assert m.slow == MAX_SLOW_EVENTS + 1 and m.queries == 2 * (MAX_SLOW_EVENTS + 2)
+    assert m.outcomes == {"timeout": MAX_SLOW_EVENTS + 1, "ok": 1}
+    assert len(m.slow_events) == MAX_SLOW_EVENTS and m.slow_events[0].offset == 1.0
 
 
 # --- flags ------------------------------------------------------------------------------------
@@ -166,7 +197,11 @@ def test_server_defaults_to_dns_ip_then_resolv_conf(tmp_path: Path) -> None:
     ["--server", "198.18.1.10", "--name", "a..b"],
     ["--via", "getaddrinfo", "--server", "198.18.1.10"],
     ["--via", "carrier-pigeon"],
+    ["--server", "198.18.1.10", "--workers", "0"],
+    ["--server", "198.18.1.10", "--workers", "4", "--concurrency", "2"],
+    ["--via", "getaddrinfo", "--workers", "2"],
 ])
 def test_bad_flags_are_config_errors(argv: list[str]) -> None:
     with pytest.raises(ConfigError):
-        probe_config(parse(argv), Settings())
+        args = parse(argv)
+        probe_workers(args, probe_config(args, Settings()))

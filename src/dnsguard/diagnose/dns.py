@@ -5,8 +5,9 @@
   retry. Same severity rule as the conntrack counters: warning on any, critical from
   `CRITICAL_RATE` per second.
 * ``dns-unreachable`` / ``dns-slow-lookups``: from the doctor's short probe. Unreachable is
-  "not one lookup answered" (critical). Slow is "some lookups took 1 s or more, or got no answer
-  within the probe's timeout": critical from `SLOW_CRITICAL_SHARE` of them, else a warning.
+  "not one lookup answered" (critical). Slow is "some lookups took 1 s or more, got no answer
+  within the probe's timeout, or failed (a refused send, port unreachable)": each of those is a
+  client waiting for a retry. Critical from `SLOW_CRITICAL_SHARE` of them, else a warning.
 * ``resolv-search-amplification``: with ``ndots`` above the dots of an ordinary external name
   (``example.com`` has one) every such lookup walks the whole search list first: the factor is
   the number of names tried, each one an A and an AAAA query and one conntrack entry.
@@ -76,6 +77,8 @@ def classify_probes(probes: tuple[ProbeSample, ...]) -> list[Finding]:
             dead.append(f"{p.target}: 0 of {r.lookups} lookups answered "
                         f"(timeouts {r.timeouts} after {r.timeout:g}s, errors: {errors})")
             continue
+        failed = sum(r.errors.values())
+        # slow_count covers timeouts and failures too (they are listed with their offsets).
         n_slow = r.slow_count
         if n_slow:
             share = n_slow / r.lookups
@@ -83,8 +86,10 @@ def classify_probes(probes: tuple[ProbeSample, ...]) -> list[Finding]:
             when = ", ".join(f"{s.offset:.1f}s" for s in r.slow[:10])
             pcts = "  ".join(f"{k} {'timeout' if v is None else f'{v * 1000:.1f}ms'}"
                              for k, v in r.percentiles.items())
-            slow.append(f"{p.target}: {n_slow} of {r.lookups} lookups slow ({share:.1%}): "
-                        f">=1s {r.at_least_1s}, timeouts {r.timeouts} after {r.timeout:g}s; "
+            errors = ", ".join(f"{k} {v}" for k, v in r.errors.items())
+            slow.append(f"{p.target}: {n_slow} of {r.lookups} lookups slow or failed "
+                        f"({share:.1%}): >=1s {r.at_least_1s}, timeouts {r.timeouts} after "
+                        f"{r.timeout:g}s, failed {failed}{f' ({errors})' if errors else ''}; "
                         f"{pcts}; at {when}")
     if dead:
         out.append(Finding(
@@ -98,7 +103,7 @@ def classify_probes(probes: tuple[ProbeSample, ...]) -> list[Finding]:
     if slow:
         out.append(Finding(
             "dns-slow-lookups", Severity.CRITICAL if critical_slow else Severity.WARNING,
-            "some DNS lookups from this node take a second or more, or get no answer",
+            "some DNS lookups from this node take a second or more, time out or fail",
             tuple(slow),
             "the other findings say why (conntrack, buffers, rules); a node-local DNS cache "
             "takes conntrack out of the lookup path",
