@@ -33,6 +33,7 @@ from typing import Any
 CLUSTER_IP = "198.18.1.10"
 DNS_IP = "198.18.0.101"
 NODE_IP = "198.18.0.1"
+NODE_LOCAL_IP = "169.254.20.10"
 POD_IP = "198.18.2.11"
 PROBE_NAME = "kubernetes.default.svc.cluster.local"
 PY = sys.executable
@@ -139,15 +140,40 @@ class DiagNode:
         self._wait_dns()
         return proc
 
-    def _wait_dns(self, timeout: float = 10.0) -> None:
+    def start_node_cache(self) -> subprocess.Popen[str]:
+        """A NodeLocal-DNSCache-shaped cache: the ClusterIP and 169.254.20.10 on a local link
+        (a port-less bridge: this kernel has no dummy links), NOTRACK for DNS to them so pods'
+        queries are delivered locally instead of DNATed, and a dnsmasq answering there."""
+        self.node_run(["ip", "link", "add", "dgdoc0", "type", "bridge"])
+        self.node_run(["ip", "link", "set", "dgdoc0", "up"])
+        rules = ["*raw"]
+        for ip in (NODE_LOCAL_IP, CLUSTER_IP):
+            self.node_run(["ip", "addr", "add", f"{ip}/32", "dev", "dgdoc0"])
+            for chain in ("PREROUTING", "OUTPUT"):
+                for proto in ("udp", "tcp"):
+                    rules.append(f"-A {chain} -d {ip}/32 -p {proto} -m {proto} --dport 53 "
+                                 '-m comment --comment "node-cache" -j NOTRACK')
+            rules.append(f"-A OUTPUT -s {ip}/32 -p udp -m udp --sport 53 -j NOTRACK")
+        self.node_run(["iptables-nft-restore", "--noflush"], stdin="\n".join([*rules, "COMMIT"]) + "\n")
+        argv = ["ip", "netns", "exec", self.node, "dnsmasq", "--no-daemon",
+                "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                f"--listen-address={NODE_LOCAL_IP}", f"--listen-address={CLUSTER_IP}",
+                "--cache-size=0", "--pid-file=", "--user=root", "--group=root",
+                f"--host-record={PROBE_NAME},198.19.0.1,fd00:198:18:ff::1"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._procs.append(proc)
+        self._wait_dns(NODE_LOCAL_IP)
+        return proc
+
+    def _wait_dns(self, server: str = DNS_IP, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            cp = self.node_run(["dig", "+short", "+time=1", "+tries=1", f"@{DNS_IP}", PROBE_NAME],
+            cp = self.node_run(["dig", "+short", "+time=1", "+tries=1", f"@{server}", PROBE_NAME],
                                check=False) if shutil.which("dig") else None
             if cp is None or (cp.returncode == 0 and "198.19.0.1" in cp.stdout):
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"dnsmasq in {self.dns} did not answer within {timeout}s")
+        raise RuntimeError(f"DNS on {server} did not answer within {timeout}s")
 
     # --- running ----------------------------------------------------------------------
 

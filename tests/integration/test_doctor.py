@@ -168,6 +168,29 @@ def test_dns_server_down_is_unreachable(node: DiagNode) -> None:
     assert rc == 4
 
 
+def test_cache_stopped_behind_interception(node: DiagNode) -> None:
+    cache = node.start_node_cache()
+    # With the cache up: pods' DNS to the ClusterIP is NOTRACKed and answered locally, and
+    # that NOTRACK is not the broken-DNAT kind (the node holds the address).
+    cp = node.cli(node.pod, "probe", "--server", CLUSTER_IP, "--count", "10", "--json")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    rc, doc = node.doctor(window=1)
+    assert loud(doc) == {}
+    assert rc == 0
+
+    cache.terminate()
+    cache.wait(timeout=5)
+    cp = node.cli(node.pod, "probe", "--server", CLUSTER_IP, "--count", "3", "--timeout", "1",
+                  "--json")
+    assert cp.returncode == 4  # the fault is real: pods' lookups fail
+    rc, doc = node.doctor(window=1)
+    # The same fault seen twice: why (interception) and what it does (unreachable).
+    assert loud(doc) == {"interception-without-cache": "critical", "dns-unreachable": "critical"}
+    assert rc == 4
+    [finding] = [f for f in doc["findings"] if f["id"] == "interception-without-cache"]
+    assert any(f"{CLUSTER_IP} is held by link dgdoc0" in e for e in finding["evidence"])
+
+
 def test_search_amplification_in_a_pod_resolv_conf(node: DiagNode) -> None:
     rc, doc = node.doctor(window=1, resolv=Path(f"/etc/netns/{node.pod}/resolv.conf"))
     assert loud(doc) == {"resolv-search-amplification": "warning"}

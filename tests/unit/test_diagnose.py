@@ -17,6 +17,7 @@ from dnsguard.diagnose import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING, classify, ex
 from dnsguard.diagnose.conntrack import classify_conntrack
 from dnsguard.diagnose.dns import classify_probes, classify_rcvbuf, classify_resolv
 from dnsguard.diagnose.findings import FINDING_IDS, Finding, Severity, render_table, to_json
+from dnsguard.diagnose.intercept import classify_interception
 from dnsguard.diagnose.kernel import classify_kernel, parse_release
 from dnsguard.diagnose.rules import (
     classify_notrack,
@@ -322,6 +323,68 @@ def test_dns_cluster_ips_discovered_from_kube_proxy_rules() -> None:
     found = discover_dns_ips([v4(KUBE_NAT)], RuleText("nft list ruleset", None, KUBE_NFT))
     assert [str(i) for i in found] == ["10.96.0.10", "fd00:10:96::a"]
     assert discover_dns_ips([v4(raw_save())], None) == ()
+
+
+# --- node-local cache interception -------------------------------------------------------
+
+# What a node-local cache in iptables mode looks like (dnsguard's cache mode; NodeLocal
+# DNSCache is the same without the xt_recent switch): both addresses on a local link and
+# NOTRACK for DNS to them, so the packets are delivered locally instead of DNATed.
+NODELOCAL_RAW = raw_save(
+    '-A PREROUTING -m comment --comment "dnsguard: hook DNSGUARD-PREROUTING" '
+    "-j DNSGUARD-PREROUTING",
+    *(f'-A DNSGUARD-PREROUTING -d {ip}/32 -p udp -m comment --comment "dnsguard: udp DNS to '
+      f'{ip} goes to the node-local cache" -m udp --dport 53 -m recent --rcheck --seconds 2 '
+      "--name dnsguard-alive4 --mask 255.255.255.255 --rdest -j CT --notrack"
+      for ip in ("169.254.20.10", "10.96.0.10")),
+    chains=("DNSGUARD-PREROUTING",))
+LOCAL = ((ipaddress.ip_address("169.254.20.10"), "dnsguard0"), (CLUSTER_DNS, "dnsguard0"))
+CACHE_LISTENING = frozenset({("169.254.20.10", 53), ("10.96.0.10", 53), ("127.0.0.1", 5353)})
+
+
+def cache_node(local: tuple[tuple[object, str], ...] = LOCAL) -> RulesSample:
+    s = rules_sample(v4(NODELOCAL_RAW))
+    return RulesSample(**{**s.__dict__, "local_addresses": local})
+
+
+def probed(ip: str, answered: bool) -> ProbeSample:
+    return ProbeSample(f"cluster DNS {ip}", report(10, timeouts=0 if answered else 10),
+                       server=ipaddress.ip_address(ip))
+
+
+def test_notrack_to_a_cluster_ip_the_node_serves_itself_is_not_broken_dnat() -> None:
+    assert classify_notrack(cache_node()) == []
+    # ...while the same rules without the local addresses would break DNS.
+    assert ids(classify_notrack(cache_node(local=()))) == {
+        "notrack-breaks-dnat": Severity.CRITICAL}
+
+
+def test_a_running_cache_is_not_a_finding() -> None:
+    assert classify_interception(cache_node(), CACHE_LISTENING, ()) == []
+    assert classify_interception(cache_node(), frozenset({("0.0.0.0", 53)}), ()) == []
+
+
+def test_interception_with_nothing_listening_is_critical() -> None:
+    [f] = classify_interception(cache_node(), frozenset({("127.0.0.1", 5353)}),
+                                (probed("10.96.0.10", answered=False),))
+    assert (f.id, f.severity) == ("interception-without-cache", Severity.CRITICAL)
+    assert any("10.96.0.10 is held by link dnsguard0" in e for e in f.evidence)
+    assert any("dnsguard-alive4" in e for e in f.evidence)  # the rule steering it there
+    assert any("0 of 10 lookups answered" in e for e in f.evidence)
+
+
+def test_interception_with_a_working_fallback_is_a_warning() -> None:
+    only_link_local = ((ipaddress.ip_address("169.254.20.10"), "dnsguard0"),)
+    node = cache_node(local=only_link_local)
+    probe = (ProbeSample("node-local cache 169.254.20.10", report(10),
+                         server=ipaddress.ip_address("169.254.20.10")),)
+    [f] = classify_interception(node, frozenset(), probe)
+    assert f.severity is Severity.WARNING
+
+
+def test_no_local_address_no_interception() -> None:
+    assert classify_interception(cache_node(local=()), frozenset(), ()) == []
+    assert classify_interception(cache_node(), None, ()) == []  # listeners unreadable
 
 
 # --- DNS servers, probes, resolv.conf -----------------------------------------------------

@@ -4,7 +4,7 @@ Layers, in the direction of imports:
 
     samples.py    frozen inputs (counter windows, rule dumps, probe reports, resolv.conf)
     findings.py   Finding, Severity, exit codes, table and JSON output
-    conntrack.py, kernel.py, rules.py, dns.py
+    conntrack.py, kernel.py, rules.py, dns.py, intercept.py
                   pure classifiers: samples in, findings out; no I/O, no clock
     sampler.py    the only I/O: reads the node (through the Runner and proc_root) twice
                   over a window, with the built-in probe running in between
@@ -29,6 +29,7 @@ from dnsguard.diagnose.findings import (
     sort_findings,
     to_json,
 )
+from dnsguard.diagnose.intercept import classify_interception
 from dnsguard.diagnose.kernel import classify_kernel
 from dnsguard.diagnose.rules import classify_notrack
 from dnsguard.diagnose.samples import Samples
@@ -59,4 +60,5 @@ def classify(samples: Samples) -> list[Finding]:
         *classify_rcvbuf(samples.dns_servers),
         *classify_probes(samples.probes),
         *classify_resolv(samples.resolv),
+        *classify_interception(samples.rules, samples.udp_listeners, samples.probes),
     ])

@@ -393,8 +393,12 @@ def classify_notrack(sample: RulesSample | None) -> list[Finding]:
     mode = sample.proxy_mode
     critical: list[str] = []
     maybe: list[str] = []
+    # A ClusterIP held by a local link is served on the node (a node-local cache binds it, as
+    # NodeLocal DNSCache and dnsguard's cache mode do): untracked packets to it are delivered
+    # locally, which is the point. Whether anything answers there is another finding.
+    dnatted = [ip for ip in sample.dns_ips if sample.local_link(ip) is None]
     for rule in all_notrack_rules(sample):
-        hits = [f"{proto.upper()} {ip}:53" for ip in sample.dns_ips for proto in ("udp", "tcp")
+        hits = [f"{proto.upper()} {ip}:53" for ip in dnatted for proto in ("udp", "tcp")
                 if rule.catches(ip, proto)]
         where = f"{rule.source}, {rule.chain}: {rule.text}"
         if hits:

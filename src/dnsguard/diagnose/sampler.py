@@ -29,6 +29,7 @@ from typing import Literal
 
 from dnsguard.diagnose.rules import discover_dns_ips
 from dnsguard.diagnose.samples import (
+    NODE_LOCAL_IP,
     ConntrackWindow,
     DnsServerWindow,
     ProbeSample,
@@ -42,6 +43,7 @@ from dnsguard.netfilter.errors import CommandNotFound, NetfilterError
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.conntrack import kernel_release, read_conntrack
 from dnsguard.node.detect import detect_proxy_mode
+from dnsguard.node.links import address_owners
 from dnsguard.node.procnet import (
     find_dns_servers,
     listening_udp,
@@ -50,10 +52,7 @@ from dnsguard.node.procnet import (
 )
 from dnsguard.probe import ProbeConfig, ProbeReport, run_probe
 
-__all__ = ["NODE_LOCAL_IP", "Sampler", "SamplerConfig"]
-
-#: The link-local address NodeLocal DNSCache (and dnsguard's cache) listens on by convention.
-NODE_LOCAL_IP = ipaddress.ip_address("169.254.20.10")
+__all__ = ["Sampler", "SamplerConfig"]
 
 Prober = Callable[[ProbeConfig], ProbeReport]
 
@@ -116,11 +115,19 @@ class Sampler:
             notes.append(f"DNS ClusterIP(s) from kube-proxy's rules: "
                          f"{', '.join(map(str, ips))}" if ips else
                          "no DNS ClusterIP given or found in kube-proxy's rules (--dns-ip)")
-        return RulesSample(mode, evidence, tuple(ips), source, tuple(dumps), nft)
+        local: list[tuple[IPAddress, str]] = []
+        try:
+            for text, link in sorted(address_owners(self.runner).items()):
+                local.append((ipaddress.ip_address(text.split("%")[0]), link))
+        except (NetfilterError, ValueError, KeyError, TypeError):
+            notes.append("ip addr unreadable: local DNS addresses (node-local cache) unknown")
+        return RulesSample(mode, evidence, tuple(ips), source, tuple(dumps), nft, tuple(local))
 
-    def _probe_targets(self, ips: tuple[IPAddress, ...]) -> list[tuple[str, IPAddress]]:
-        targets = [(f"cluster DNS {ip}", ip) for ip in ips]
-        if (str(NODE_LOCAL_IP), 53) in listening_udp(self.proc_root):
+    def _probe_targets(self, rules: RulesSample,
+                       listeners: frozenset[tuple[str, int]]) -> list[tuple[str, IPAddress]]:
+        targets = [(f"cluster DNS {ip}", ip) for ip in rules.dns_ips]
+        if ((str(NODE_LOCAL_IP), 53) in listeners
+                or rules.local_link(NODE_LOCAL_IP) is not None):
             targets.append((f"node-local cache {NODE_LOCAL_IP}", NODE_LOCAL_IP))
         return targets
 
@@ -136,6 +143,7 @@ class Sampler:
             else:
                 resolv = ResolvSample(str(cfg.resolv_conf), conf)
         servers = find_dns_servers(self.proc_root)
+        listeners = frozenset(listening_udp(self.proc_root))
         notes.append("DNS server namespaces: " + (
             "; ".join(s.label for s in servers) or "none found (by /proc/*/comm)"))
 
@@ -148,7 +156,7 @@ class Sampler:
         lock = threading.Lock()
         probe_timeout = min(5.0, max(1.0, cfg.window))
         if cfg.probe:
-            targets = self._probe_targets(rules.dns_ips)
+            targets = self._probe_targets(rules, listeners)
             if not targets:
                 notes.append("no DNS address to probe: dns-slow-lookups/dns-unreachable not "
                              "checked")
@@ -183,13 +191,13 @@ class Sampler:
             done = tuple(sorted(probes, key=lambda p: p.target))
         return Samples(window=seconds, kernel_release=release, conntrack=conntrack,
                        rules=rules, dns_servers=tuple(windows), probes=done, resolv=resolv,
-                       notes=tuple(notes))
+                       udp_listeners=listeners, notes=tuple(notes))
 
     def _run_probe(self, label: str, pcfg: ProbeConfig, out: list[ProbeSample],
                    lock: threading.Lock) -> None:
         try:
-            sample = ProbeSample(label, self.prober(pcfg))
+            sample = ProbeSample(label, self.prober(pcfg), server=pcfg.server)
         except (OSError, ValueError) as exc:
-            sample = ProbeSample(label, None, str(exc))
+            sample = ProbeSample(label, None, str(exc), server=pcfg.server)
         with lock:
             out.append(sample)

@@ -7,6 +7,7 @@ source is ``None`` (or an empty tuple), and classifiers draw nothing from it.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from dnsguard.model import IPAddress, ProxyMode
@@ -15,6 +16,7 @@ from dnsguard.node.procnet import DnsServer, ResolvConf, UdpCounters
 from dnsguard.probe import ProbeReport
 
 __all__ = [
+    "NODE_LOCAL_IP",
     "ConntrackWindow",
     "DnsServerWindow",
     "ProbeSample",
@@ -23,6 +25,10 @@ __all__ = [
     "RulesSample",
     "Samples",
 ]
+
+
+#: The link-local address NodeLocal DNSCache (and dnsguard's cache) listens on by convention.
+NODE_LOCAL_IP = ipaddress.ip_address("169.254.20.10")
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,12 @@ class RulesSample:
     dns_ips_source: str  # "--dns-ip", "kube-proxy rules", or "" when none known
     iptables: tuple[RuleText, ...] = ()
     nft: RuleText | None = None
+    #: addresses held by this node's links (address, link): a DNS address among them is
+    #: served locally (a node-local cache intercepting it), not DNATed
+    local_addresses: tuple[tuple[IPAddress, str], ...] = ()
+
+    def local_link(self, ip: IPAddress) -> str | None:
+        return next((link for a, link in self.local_addresses if a == ip), None)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class ProbeSample:
     target: str  # what was probed and why: "cluster DNS 10.96.0.10"
     report: ProbeReport | None
     error: str | None = None
+    server: IPAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -109,4 +122,6 @@ class Samples:
     dns_servers: tuple[DnsServerWindow, ...] = ()
     probes: tuple[ProbeSample, ...] = ()
     resolv: ResolvSample | None = None
+    #: (address, port) of UDP sockets in the node's namespace; None when unreadable
+    udp_listeners: frozenset[tuple[str, int]] | None = None
     notes: tuple[str, ...] = ()
