@@ -256,7 +256,7 @@ def cmd_probe(args: argparse.Namespace, settings: Settings, runner: Runner) -> i
 def sampler_config(args: argparse.Namespace, settings: Settings) -> SamplerConfig:
     return SamplerConfig(
         window=_number("--window", args.window, minimum=0.1),
-        proxy_mode=settings.proxy_mode, dns_ips=settings.dns_ips,
+        proxy_mode=settings.proxy_mode, dns_ips=settings.dns_ips, cache_ips=settings.local_ips,
         resolv_conf=Path(args.resolv_conf) if args.resolv_conf else None,
         probe=not args.no_probe, probe_name=args.probe_name,
     )

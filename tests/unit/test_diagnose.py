@@ -382,6 +382,14 @@ def test_interception_with_a_working_fallback_is_a_warning() -> None:
     assert f.severity is Severity.WARNING
 
 
+def test_a_cache_on_another_local_ip_is_checked_too() -> None:
+    other = ipaddress.ip_address("198.18.9.53")
+    node = RulesSample(**{**cache_node(local=((other, "dnsguard0"),)).__dict__,
+                          "cache_ips": (other,)})
+    [f] = classify_interception(node, CACHE_LISTENING, ())
+    assert f.severity is Severity.CRITICAL and "198.18.9.53 is held" in f.evidence[0]
+
+
 def test_no_local_address_no_interception() -> None:
     assert classify_interception(cache_node(local=()), frozenset(), ()) == []
     assert classify_interception(cache_node(), None, ()) == []  # listeners unreadable

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dnsguard.diagnose.findings import Finding, Severity
 from dnsguard.diagnose.rules import all_notrack_rules
-from dnsguard.diagnose.samples import NODE_LOCAL_IP, ProbeSample, RulesSample
+from dnsguard.diagnose.samples import ProbeSample, RulesSample
 from dnsguard.model import IPAddress
 
 __all__ = ["classify_interception"]
@@ -36,7 +36,7 @@ def classify_interception(rules: RulesSample | None,
     evidence: list[str] = []
     severity: Severity | None = None
     notrack = all_notrack_rules(rules)
-    for ip in dict.fromkeys((*rules.dns_ips, NODE_LOCAL_IP)):
+    for ip in dict.fromkeys((*rules.dns_ips, *rules.cache_ips)):
         link = rules.local_link(ip)
         if link is None or _listens(ip, listeners):
             continue

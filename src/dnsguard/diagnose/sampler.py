@@ -62,6 +62,7 @@ class SamplerConfig:
     window: float = 5.0
     proxy_mode: ProxyMode | Literal["auto"] = "auto"
     dns_ips: tuple[IPAddress, ...] = ()
+    cache_ips: tuple[IPAddress, ...] = (NODE_LOCAL_IP,)
     resolv_conf: Path | None = Path("/etc/resolv.conf")
     probe: bool = True
     probe_name: str = "kubernetes.default.svc.cluster.local"
@@ -121,14 +122,16 @@ class Sampler:
                 local.append((ipaddress.ip_address(text.split("%")[0]), link))
         except (NetfilterError, ValueError, KeyError, TypeError):
             notes.append("ip addr unreadable: local DNS addresses (node-local cache) unknown")
-        return RulesSample(mode, evidence, tuple(ips), source, tuple(dumps), nft, tuple(local))
+        return RulesSample(mode, evidence, tuple(ips), source, tuple(dumps), nft, tuple(local),
+                           cfg.cache_ips)
 
     def _probe_targets(self, rules: RulesSample,
                        listeners: frozenset[tuple[str, int]]) -> list[tuple[str, IPAddress]]:
         targets = [(f"cluster DNS {ip}", ip) for ip in rules.dns_ips]
-        if ((str(NODE_LOCAL_IP), 53) in listeners
-                or rules.local_link(NODE_LOCAL_IP) is not None):
-            targets.append((f"node-local cache {NODE_LOCAL_IP}", NODE_LOCAL_IP))
+        for ip in rules.cache_ips:
+            if ip not in rules.dns_ips and (
+                    (str(ip), 53) in listeners or rules.local_link(ip) is not None):
+                targets.append((f"node-local cache {ip}", ip))
         return targets
 
     def sample(self, cfg: SamplerConfig) -> Samples:

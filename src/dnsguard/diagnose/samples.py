@@ -94,6 +94,8 @@ class RulesSample:
     #: addresses held by this node's links (address, link): a DNS address among them is
     #: served locally (a node-local cache intercepting it), not DNATed
     local_addresses: tuple[tuple[IPAddress, str], ...] = ()
+    #: where a node-local cache would listen (--local-ip; 169.254.20.10 by convention)
+    cache_ips: tuple[IPAddress, ...] = (NODE_LOCAL_IP,)
 
     def local_link(self, ip: IPAddress) -> str | None:
         return next((link for a, link in self.local_addresses if a == ip), None)
