@@ -100,7 +100,10 @@ def render_table(findings: Sequence[Finding], width: int = 100) -> str:
     out = [f"{'SEVERITY':<9} {'ID':<28} SUMMARY"]
     indent = " " * 10
     for f in sort_findings(findings):
-        out.append(f"{f.severity.value.upper():<9} {f.id:<28} {f.summary}")
+        head = f"{f.severity.value.upper():<9} {f.id:<28} "
+        out.append(textwrap.fill(f.summary, width, initial_indent=head,
+                                 subsequent_indent=" " * len(head), break_long_words=False,
+                                 break_on_hyphens=False))
         for line in f.evidence:
             out.append(textwrap.fill(line, width, initial_indent=indent + "- ",
                                      subsequent_indent=indent + "  ", break_long_words=False,
