@@ -174,8 +174,9 @@ class _Tally:
 
 @dataclass(frozen=True)
 class ProbeReport:
-    """A finished run. Latency statistics include timed-out lookups as infinitely slow, so a
-    percentile that lands on one reads None ("timeout") instead of hiding it."""
+    """A finished run. Latency statistics count unanswered lookups (timed out or failed) as
+    infinitely slow, so a percentile that lands on one reads None ("unanswered") instead of
+    hiding it."""
 
     target: str
     via: str
@@ -220,7 +221,7 @@ class ProbeReport:
     def render(self) -> str:
         def ms(v: float | None) -> str:
             if v is None:
-                return "-" if not self.lookups else "timeout" if self.timeouts else "failed"
+                return "unanswered" if self.lookups else "-"
             return f"{v * 1000:.1f}ms" if v < 1 else f"{v:.2f}s"
 
         lines = [

@@ -84,7 +84,7 @@ def classify_probes(probes: tuple[ProbeSample, ...]) -> list[Finding]:
             share = n_slow / r.lookups
             critical_slow = critical_slow or share >= SLOW_CRITICAL_SHARE
             when = ", ".join(f"{s.offset:.1f}s" for s in r.slow[:10])
-            pcts = "  ".join(f"{k} {'timeout' if v is None else f'{v * 1000:.1f}ms'}"
+            pcts = "  ".join(f"{k} {'unanswered' if v is None else f'{v * 1000:.1f}ms'}"
                              for k, v in r.percentiles.items())
             errors = ", ".join(f"{k} {v}" for k, v in r.errors.items())
             slow.append(f"{p.target}: {n_slow} of {r.lookups} lookups slow or failed "
