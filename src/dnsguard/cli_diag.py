@@ -201,7 +201,7 @@ class _ProgressPrinter:
         rate = p.finished / p.elapsed if p.elapsed > 0 else 0.0
         total = p.count or p.duration
         frac = min(1.0, (p.started if p.count else p.elapsed) / total if total else 1.0)
-        stats = (f"{p.finished} lookups {rate:.0f}/s  >=1s or timeout {p.slow}  "
+        stats = (f"{p.finished} lookups {rate:.0f}/s  slow or unanswered {p.slow}  "
                  f"timeouts {p.timeouts}")
         if self.tty:
             bar = "#" * int(frac * 24)
