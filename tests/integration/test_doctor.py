@@ -136,17 +136,20 @@ def test_dns_server_receive_buffer_overflow(node: DiagNode) -> None:
     pid = node.dnsmasq.pid  # ip netns exec execs dnsmasq: same PID
     doctor = subprocess.Popen(
         ["ip", "netns", "exec", node.node, PY, "-m", "dnsguard.cli_diag", "doctor", "--json",
-         "--window", "3", "--resolv-conf", "", "--no-probe"],
+         "--window", "5", "--resolv-conf", "", "--no-probe"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
     try:
-        time.sleep(1.0)  # let doctor take its first reading
         # A stalled server (think CPU-throttled CoreDNS) while queries keep coming: its
-        # socket buffer fills and the kernel drops the rest.
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            udp_blast(node.node, DNS_IP, 53, 3000, vary_port=False)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        # socket buffer fills and the kernel drops the rest. Twice, at 1.5 s and 3 s, so at
+        # least one stall falls inside the window even if doctor starts slowly.
+        for at in (1.5, 3.0):
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                udp_blast(node.node, DNS_IP, 53, 3000, vary_port=False)
+            finally:
+                os.kill(pid, signal.SIGCONT)
         out, err = doctor.communicate(timeout=60)
     finally:
         if doctor.poll() is None:
