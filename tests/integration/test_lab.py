@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -331,6 +332,7 @@ def test_remove_stale_cleans_up_after_a_killed_owner_and_spares_live_labs(make_l
             ["ip", "netns", "pids", f"dglab-{dead_id}-dns0"], capture_output=True, text=True,
             check=True).stdout.split()}
         assert len(dns_pids) == 1  # its dnsmasq outlived the owner
+        assert len(list(Path(tempfile.gettempdir()).glob(f"dglab-{dead_id}-*"))) == 1
 
         removed = Lab.remove_stale()
 
@@ -338,6 +340,7 @@ def test_remove_stale_cleans_up_after_a_killed_owner_and_spares_live_labs(make_l
         assert not any(ns.startswith(f"dglab-{dead_id}-") for ns in lab_namespaces())
         assert not (ETC_NETNS / f"dglab-{dead_id}-pod0").exists()
         assert not (OWNER_DIR / dead_id).exists()
+        assert not list(Path(tempfile.gettempdir()).glob(f"dglab-{dead_id}-*"))
         assert not any(running(p) for p in dns_pids)
         # The live lab is untouched and still works.
         assert not any(ns.startswith(f"dglab-{live.id}-") for ns in removed)

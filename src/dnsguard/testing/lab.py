@@ -447,7 +447,8 @@ class Lab:
 
     @staticmethod
     def remove_stale() -> list[str]:
-        """Delete namespaces (and processes in them) of labs whose owner has died.
+        """Delete what labs whose owner has died left behind: namespaces (and the
+        processes in them), /etc/netns dirs, owner files and temporary work directories.
 
         Labs of live owners, e.g. a parallel test run, are left alone. Returns the removed
         namespace names.
@@ -471,6 +472,11 @@ class Lab:
         for d in ETC_NETNS.glob(f"{PREFIX}*") if ETC_NETNS.is_dir() else []:
             lab_id = d.name[len(PREFIX):].split("-", 1)[0]
             if not _owner_alive(OWNER_DIR / lab_id) and d.name not in _netns_list():
+                shutil.rmtree(d, ignore_errors=True)
+        # Work directories a killed owner could not remove (TemporaryDirectory names).
+        for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+            m = re.fullmatch(rf"{re.escape(PREFIX)}([0-9a-f]+)-[\w]+", d.name)
+            if m and d.is_dir() and not _owner_alive(OWNER_DIR / m.group(1)):
                 shutil.rmtree(d, ignore_errors=True)
         for owner in OWNER_DIR.glob("*") if OWNER_DIR.is_dir() else []:
             if re.fullmatch("[0-9a-f]+", owner.name) and not _owner_alive(owner):
