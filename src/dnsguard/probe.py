@@ -63,6 +63,7 @@ from dnsguard.dnswire import (
 )
 from dnsguard.model import IPAddress
 from dnsguard.node.procnet import ResolvConf
+from dnsguard.stats import SLOW_SECONDS, percentile
 
 __all__ = [
     "MAX_SLOW_EVENTS",
@@ -71,7 +72,6 @@ __all__ = [
     "ProbeReport",
     "Progress",
     "SlowLookup",
-    "percentile",
     "run_probe",
 ]
 
@@ -80,10 +80,11 @@ Clock = Callable[[], float]
 
 #: How many slow lookups are listed individually (the counts cover all of them).
 MAX_SLOW_EVENTS = 200
-#: Latency from which a lookup is "slow" (reported with its offset).
-SLOW = 1.0
-#: Percentiles reported, as fractions.
-QUANTILES = (0.5, 0.9, 0.99, 0.999)
+#: Latency from which a lookup is "slow" (reported with its offset): the lab's and the
+#: benchmarks' threshold, so their numbers and the probe's compare.
+SLOW = SLOW_SECONDS
+#: Percentiles reported (nearest rank, `dnsguard.stats.percentile`).
+QUANTILES = (50.0, 90.0, 99.0, 99.9)
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,6 @@ class Progress:
     slow: int
     timeouts: int
     count: int | None
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of already sorted values; None for no values."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -252,8 +245,9 @@ def _r(v: float | None) -> float | None:
 
 def _summarize(cfg: ProbeConfig, target: str, tally: _Tally, elapsed: float) -> ProbeReport:
     ordered = sorted(tally.latencies)
-    pcts = {f"p{q * 100:g}": percentile(ordered, q) for q in QUANTILES}
-    finite = {k: (None if v is None or math.isinf(v) else v) for k, v in pcts.items()}
+    pcts = {f"p{q:g}": percentile(ordered, q) for q in QUANTILES}
+    # NaN: no lookups at all; inf: the percentile lands on an unanswered lookup.
+    finite = {k: (None if math.isnan(v) or math.isinf(v) else v) for k, v in pcts.items()}
     timeouts = tally.outcomes.get("timeout", 0)
     top = ordered[-1] if ordered else None
     answered_slow = [v for v in ordered if not math.isinf(v)]

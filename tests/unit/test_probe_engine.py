@@ -26,7 +26,6 @@ from dnsguard.probe import (
     _split,
     _summarize,
     _Tally,
-    percentile,
 )
 
 K8S = ResolvConf(search=("default.svc.cluster.local", "svc.cluster.local", "cluster.local"),
@@ -81,12 +80,14 @@ def test_search_moves_on_after_nxdomain_and_stops_at_the_first_answer() -> None:
     assert f.rcodes == ["NXDOMAIN", "NXDOMAIN", "NOERROR", "NOERROR"]
 
 
-def test_percentile_is_nearest_rank() -> None:
-    values = [float(i) for i in range(1, 101)]
-    assert percentile(values, 0.5) == 50.0
-    assert percentile(values, 0.99) == 99.0
-    assert percentile(values, 0.999) == 100.0
-    assert percentile([], 0.5) is None
+def test_percentiles_are_observed_values_and_none_without_lookups() -> None:
+    tally = _Tally()
+    for i in range(1, 101):
+        tally.add(float(i), i / 1000, "svc", "ok", rcodes=[], queries=2)
+    r = _summarize(_cfg(), "t", tally, elapsed=1.0)
+    assert r.percentiles == {"p50": 0.05, "p90": 0.09, "p99": 0.099, "p99.9": 0.1}
+    empty = _summarize(_cfg(), "t", _Tally(), elapsed=1.0)
+    assert set(empty.percentiles.values()) == {None} and empty.max is None
 
 
 def _cfg(**kw: object) -> ProbeConfig:
