@@ -19,6 +19,14 @@ non-blocking sockets costs a handful of syscalls per lookup and no locks. Concur
 number of lookups in flight (closed loop); an optional ``rate`` paces launches instead (the
 doctor's low-rate probe). ``--via getaddrinfo`` has to block in libc, so it uses threads.
 
+Measured ceiling (2-core VM, Linux 6.18, probe and server in two namespaces over a veth, 5 s
+runs, concurrency 32): one process drives about 17-18k lookups/s (35k queries/s) against a
+local unbound and 13k against dnsmasq when the machine is otherwise idle, 10-12k when another
+process holds one core; ``--workers 2`` gets about 22k (idle). The probe is then the busier
+side (about 60 us of CPU per lookup, two thirds of it in the kernel: socket, connect, the veth
+delivery of the queries), the server about 25 us: it can saturate a node-local cache's core,
+not a whole multi-core CoreDNS deployment.
+
 Bounds
 ------
 No lookup starts after ``duration`` or once ``count`` have started; lookups still in flight get
