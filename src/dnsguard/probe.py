@@ -22,10 +22,12 @@ doctor's low-rate probe). ``--via getaddrinfo`` has to block in libc, so it uses
 Measured ceiling (2-core VM, Linux 6.18, probe and server in two namespaces over a veth, 5 s
 runs, concurrency 32): one process drives about 17-18k lookups/s (35k queries/s) against a
 local unbound and 13k against dnsmasq when the machine is otherwise idle, 10-12k when another
-process holds one core; ``--workers 2`` gets about 22k (idle). The probe is then the busier
-side (about 60 us of CPU per lookup, two thirds of it in the kernel: socket, connect, the veth
-delivery of the queries), the server about 25 us: it can saturate a node-local cache's core,
-not a whole multi-core CoreDNS deployment.
+process holds one core; ``--workers 2`` gets about 22k (idle). The probe is the busier side:
+about 60 us of CPU per lookup, two thirds of it in the kernel (socket, connect, and the veth
+delivery of the queries, which runs in the sender's context), against about 25 us for unbound.
+So one probe process keeps a single-threaded cache ~40% busy; saturating one takes
+``--workers`` and spare cores. That is plenty for what the probe is for: finding the slow tail
+at realistic rates, not benchmarking the server.
 
 Bounds
 ------
