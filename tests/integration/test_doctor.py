@@ -194,6 +194,30 @@ def test_cache_stopped_behind_interception(node: DiagNode) -> None:
     assert any(f"{CLUSTER_IP} is held by link dgdoc0" in e for e in finding["evidence"])
 
 
+CTNETLINK_VS_PROC = """
+import json, tempfile
+from pathlib import Path
+from dnsguard.netfilter.runner import SubprocessRunner
+from dnsguard.node.conntrack import parse_proc_stat, read_conntrack
+proc, _ = parse_proc_stat(Path("/proc/net/stat/nf_conntrack").read_text())
+with tempfile.TemporaryDirectory() as empty:  # a procfs without the stat file (Ubuntu's)
+    stats = read_conntrack(SubprocessRunner(), Path(empty))
+print(json.dumps({"proc": proc, "netlink": dict(stats.counters), "source": stats.source,
+                  "entries": stats.entries}))
+"""
+
+
+def test_ctnetlink_fallback_reads_what_the_proc_file_says(node: DiagNode) -> None:
+    cp = node.cli(node.pod, "probe", "--server", CLUSTER_IP, "--count", "50")  # move counters
+    assert cp.returncode == 0
+    out = json.loads(node.node_run([PY, "-c", CTNETLINK_VS_PROC]).stdout)
+    assert out["source"] == "ctnetlink (conntrack -S)"
+    assert out["entries"] == node.conntrack_count()  # conntrack -C
+    common = set(out["proc"]) & set(out["netlink"])
+    assert {"insert_failed", "drop", "early_drop", "clash_resolve", "found"} <= common
+    assert {k: out["netlink"][k] for k in common} == {k: out["proc"][k] for k in common}
+
+
 def test_search_amplification_in_a_pod_resolv_conf(node: DiagNode) -> None:
     rc, doc = node.doctor(window=1, resolv=Path(f"/etc/netns/{node.pod}/resolv.conf"))
     assert loud(doc) == {"resolv-search-amplification": "warning"}
