@@ -31,7 +31,7 @@ def server():
 
 @pytest.fixture
 def http():
-    pool = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=2))
+    pool = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=1))
     yield pool
     pool.clear()
 
