@@ -175,6 +175,16 @@ def test_cluster_ip_change_reaches_the_snapshot_within_a_second(server, source):
     assert src.snapshot().dns_ips == (ip("10.96.0.53"),)
 
 
+def test_peek_does_not_swallow_the_agents_wake_up(server, source):
+    src = source()
+    started(src, server)
+    server.put_service("kube-system", "kube-dns", ["10.96.0.54"])
+    assert server.wait_for(lambda: src.peek().dns_ips == (ip("10.96.0.54"),))
+    assert src.wait_changed(0.5)  # a status reader peeked; the agent is still told
+    assert src.snapshot().dns_ips == (ip("10.96.0.54"),)
+    assert not src.wait_changed(0.05)
+
+
 def test_endpoint_changes_reach_dns_endpoints(server, source):
     src = source()
     started(src, server)

@@ -87,6 +87,7 @@ class KubeSource:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._missing: set[str] = set()
+        self._warn_lock = threading.Lock()
 
         extra: dict[str, Any] = {"rand": rand} if rand is not None else {}
 
@@ -146,11 +147,19 @@ class KubeSource:
 
     # -- reading ------------------------------------------------------------------------------
     def snapshot(self) -> ClusterFacts | None:
-        """The latest facts; None until every reflector has listed once."""
+        """The latest facts, marked seen by `wait_changed`; None until every reflector listed.
+
+        For the one loop that acts on changes (the agent). Anything else that only reads
+        (status, metrics, doctor) uses `peek`, or it would swallow the agent's wake-up.
+        """
         with self._cond:
             # read the generation before the stores: a change landing in between makes the
             # next wait_changed return at once (harmless), never get lost
             self._seen = self._generation
+        return self.peek()
+
+    def peek(self) -> ClusterFacts | None:
+        """The latest facts without marking them seen; None until every reflector listed."""
         if not all(r.synced for r in self.reflectors):
             return None
         self._warn_missing()
@@ -165,11 +174,12 @@ class KubeSource:
         """Log once when a watched Service or the node goes missing, once when it is back."""
         now = {r.name for r in self.reflectors
                if r.lw.kind != "endpointslices" and not r.items()}
-        for name in sorted(now - self._missing):
-            log.warning("%s does not exist (yet): its facts are empty", name)
-        for name in sorted(self._missing - now):
-            log.info("%s exists again", name)
-        self._missing = now
+        with self._warn_lock:
+            for name in sorted(now - self._missing):
+                log.warning("%s does not exist (yet): its facts are empty", name)
+            for name in sorted(self._missing - now):
+                log.info("%s exists again", name)
+            self._missing = now
 
     def wait_changed(self, timeout: float) -> bool:
         """Block until the facts changed since the last `snapshot` (True) or ``timeout`` (False)."""
@@ -194,8 +204,12 @@ class KubeSource:
         }
 
 
+#: Read timeout of one-shot commands: a person is waiting, and there is no watch to keep alive.
+LOAD_READ_TIMEOUT = 15.0
+
+
 def load_once(*, kubeconfig: str | None, dns_services: Sequence[tuple[str, str]],
-              node_name: str | None, read_timeout: float = READ_TIMEOUT,
+              node_name: str | None, read_timeout: float = LOAD_READ_TIMEOUT,
               watch_timeout: int = WATCH_TIMEOUT) -> ClusterFacts:
     """List once, no watch: facts for one-shot commands (plan, apply, status, doctor, cleanup).
 
