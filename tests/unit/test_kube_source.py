@@ -377,6 +377,33 @@ def test_backoff_restarts_after_progress(server, kubeconfig):
         api.close()
 
 
+def test_a_crashing_extractor_does_not_kill_the_reflector(server, kubeconfig):
+    calls = []
+
+    def extract(obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyError("bug")
+        return service_cluster_ips(obj)
+
+    api = kclient.new_api_client(kubeconfig)
+    r = Reflector("svc", kclient.service(api, "kube-system", "kube-dns"), extract,
+                  read_timeout=5, watch_timeout=30, backoff=FAST)
+    stop = threading.Event()
+    t = threading.Thread(target=r.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        assert server.wait_for(lambda: r.synced and server.watchers == 1)
+        server.put_service("kube-system", "kube-dns", ["10.96.0.2"])  # the crashing call
+        assert server.wait_for(lambda: r.values() == [(ip("10.96.0.2"),)])  # relisted
+        assert "internal error" in r.status()["last_error"]
+    finally:
+        stop.set()
+        r.interrupt()
+        t.join(2)
+        api.close()
+
+
 def test_stop_interrupts_an_open_watch_promptly(server, source):
     src = source(read_timeout=30.0)
     started(src, server)

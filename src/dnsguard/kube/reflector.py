@@ -326,6 +326,11 @@ class Reflector(Generic[V]):
                 self._failed(exc)
                 retry_after = exc.retry_after or 0.0
                 (log.warning if failures == 1 else log.info)("%s", exc)
+            except Exception as exc:  # a bug, e.g. in an extractor: keep the thread, say so
+                log.exception("%s: unexpected error; listing again after a backoff", self.name)
+                need_list = True
+                failures += 1
+                self._failed(KubeApiError(f"{self.name}: internal error: {exc!r}"))
             else:
                 # the server ended the watch (its timeoutSeconds): watch again from our rv
                 if listed or self._events:
