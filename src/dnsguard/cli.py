@@ -15,8 +15,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
-from dnsguard import __version__
+from dnsguard import __version__, cli_diag
 from dnsguard.agent import Agent
 from dnsguard.cache.runtime import STATE_FILES, CacheRuntime, read_status
 from dnsguard.cache.unbound import Unbound
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_fact_flags(sp)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
+    cli_diag.add_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return p
 
 
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         settings = settings_from(args)
         setup_logging(settings.log_format)
         command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
-                   "cleanup": cmd_cleanup, "status": cmd_status}[args.command]
+                   "cleanup": cmd_cleanup, "status": cmd_status, **cli_diag.COMMANDS}[args.command]
         return command(args, settings, runner)
     except (ConfigError, PlanRefused) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = ["SLOW_SECONDS", "Summary", "percentile", "summarize"]
 
@@ -36,7 +37,8 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         raise ValueError(f"percentile must be in (0, 100], got {q}")
     if not sorted_values:
         return math.nan
-    rank = math.ceil(q / 100 * len(sorted_values))
+    # exact arithmetic: in floats ceil(99.9 / 100 * 1000) is 1000, not 999
+    rank = math.ceil(Fraction(str(q)) * len(sorted_values) / 100)
     return sorted_values[max(rank, 1) - 1]
 
 

@@ -26,7 +26,7 @@ def dnsguard(lab: Lab, *args: str, timeout: float = 60.0) -> subprocess.Complete
     return lab.node_run([sys.executable, "-m", "dnsguard", *args], check=False, timeout=timeout)
 
 
-def nodelocal_args(lab: Lab, state: Path) -> list[str]:
+def nodelocal_args(lab: Lab, state: Path, upstreams: Sequence[str] | None = None) -> list[str]:
     """Flags for node-local mode on a lab node: endpoints as upstreams, lab-only resolv.conf."""
     resolv = state / "node-resolv.conf"
     state.mkdir(parents=True, exist_ok=True)
@@ -36,8 +36,10 @@ def nodelocal_args(lab: Lab, state: Path) -> list[str]:
             "--node-resolv-conf", str(resolv), "--sync-interval", "1"]
     for ip in lab.dns_ips:
         args += ["--dns-ip", str(ip)]
-    for ip in lab.dns_endpoints:
-        args += ["--upstream", f"[{ip}]:53" if ip.version == 6 else str(ip)]
+    if upstreams is None:
+        upstreams = [f"[{ip}]:53" if ip.version == 6 else str(ip) for ip in lab.dns_endpoints]
+    for up in upstreams:
+        args += ["--upstream", up]
     return args
 
 

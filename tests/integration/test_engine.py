@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,16 @@ def test_kube_proxy_resync_keeps_dnsguard_first_in_line(lab: Lab, tmp_path: Path
     dnsguard(lab, "cleanup", "--state-dir", str(tmp_path))
 
 
+def _log_time(text: str, needle: str, after: float) -> float:
+    """Wall time of the first log line containing ``needle`` logged after ``after``."""
+    for line in text.splitlines():
+        if needle in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if stamp >= after - 0.01:
+                return stamp
+    raise AssertionError(f"no {needle!r} in the log after the flush")
+
+
 def _flush_ours(lab: Lab, variant: str) -> None:
     if variant == "nftables":
         lab.node_run(["nft", "flush", "chain", "inet", "dnsguard", "raw-prerouting"])
@@ -112,13 +123,15 @@ def test_agent_restores_outside_flush_within_one_interval_and_sigterm_cleans_up(
     agent = start_agent(lab, args, log)
     try:
         wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=15)
+        flushed_at = time.time()
         _flush_ours(lab, variant)
-        flushed_at = time.monotonic()
-        assert status(lab, args)["in_sync"] is False
-        took = wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=5)
-        assert took <= 1.0 + 1.0, f"repair took {took:.2f}s with --sync-interval 1"
-        assert time.monotonic() - flushed_at < 3
-        assert "rules changed outside dnsguard" in log.read_text()
+        wait_for(lambda: "rules changed outside dnsguard" in log.read_text(), timeout=5)
+        wait_for(lambda: status(lab, args)["in_sync"] is True, timeout=5)
+        # the agent's own log times the repair; polling `status` would add its start-up time
+        repaired = _log_time(log.read_text(), "applied ", after=flushed_at)
+        took = repaired - flushed_at
+        print(f"\n{variant}: outside flush repaired after {took:.2f}s (--sync-interval 1)")
+        assert took <= 1.0 + 0.5
     finally:
         rc = stop_agent(agent)
     assert rc == 0, log.read_text()

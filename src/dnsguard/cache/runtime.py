@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -61,6 +62,9 @@ class CacheRuntime:
         self.unbound = unbound or Unbound(state_dir)
         self.alive = alive or AliveSwitch(runner, backend)
         self.state = CacheState()
+        # serialises refresh and withdraw between the loop and the unbound exit watcher
+        self._switch = threading.Lock()
+        self.unbound.on_exit = self._on_exit
         self._next_restart = 0.0
         self._backoff = 1.0
         self._next_upstream_probe = 0.0
@@ -120,16 +124,32 @@ class CacheRuntime:
             self._upstream_failures = self._upstream_failures + 1 if up else 0
             self._upstream_reason = up or ""
 
+    def _on_exit(self) -> None:
+        """The cache died: stop steering queries to it now, not when the switch expires."""
+        with self._switch:
+            self._withdraw_switch()
+        log.warning("unbound exited: interception withdrawn at once")
+
+    def _withdraw_switch(self) -> None:
+        try:
+            self.alive.withdraw()
+        except NetfilterError as exc:
+            log.warning("could not withdraw interception at once (%s); it expires in %ss",
+                        exc, ALIVE_SECONDS)
+
     def _set_healthy(self) -> None:
         st = self.state
         self._backoff = 1.0
         if self._withdrawn:
             return
-        try:
-            self.alive.refresh(self.spec.listen)
-        except NetfilterError as exc:  # rules not installed yet: the next sync installs them
-            st.healthy, st.intercepting, st.reason = True, False, f"cannot intercept: {exc}"
-            return
+        with self._switch:
+            if not self.unbound.running():  # died since the health check answered
+                return
+            try:
+                self.alive.refresh(self.spec.listen)
+            except NetfilterError as exc:  # rules not installed yet: the next sync does it
+                st.healthy, st.intercepting, st.reason = True, False, f"cannot intercept: {exc}"
+                return
         if not st.intercepting:
             log.info("cache healthy: intercepting DNS to %s",
                      ", ".join(str(a) for a in self.spec.listen))
@@ -142,16 +162,15 @@ class CacheRuntime:
                         "to kube-proxy's path", reason, ALIVE_SECONDS)
         if st.intercepting:
             st.fail_opens += 1
+            with self._switch:  # the agent knows: no need to wait for the switch to expire
+                self._withdraw_switch()
         st.healthy, st.intercepting, st.reason = False, False, reason
 
     def withdraw(self) -> None:
         """Graceful hand-over: stop intercepting now; the cache keeps answering what it has."""
         self._withdrawn = True
-        try:
-            self.alive.withdraw()
-        except NetfilterError as exc:
-            log.warning("could not withdraw interception at once (%s); it expires in %ss",
-                        exc, ALIVE_SECONDS)
+        with self._switch:
+            self._withdraw_switch()
         self.state.intercepting = False
         self.state.reason = "withdrawn for shutdown"
         self._write_status()

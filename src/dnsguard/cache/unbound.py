@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dnsguard.netfilter.errors import NetfilterError
@@ -35,9 +37,12 @@ class Unbound:
     def __init__(self, state_dir: Path, binary: str = "unbound") -> None:
         self.state_dir = state_dir
         self.binary = binary
+        #: called from a watcher thread the moment the process exits
+        self.on_exit: Callable[[], None] | None = None
         self.conf = state_dir / "unbound.conf"
         self.logfile = state_dir / "unbound.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -83,6 +88,13 @@ class Unbound:
             except FileNotFoundError:
                 raise CacheError(f"{self.binary} not found: install unbound") from None
         log.info("started unbound, pid %d", self.proc.pid)
+        threading.Thread(target=self._watch, args=(self.proc,), daemon=True,
+                         name=f"unbound-{self.proc.pid}").start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        if self.on_exit is not None and not self._stopping:
+            self.on_exit()
 
     def exit_reason(self) -> str:
         """Why the process is not running, from its exit code and the tail of its log."""
@@ -110,6 +122,7 @@ class Unbound:
         """SIGTERM, then SIGKILL after ``timeout``; only the process we started."""
         if self.proc is None:
             return
+        self._stopping = True
         if self.proc.poll() is None:
             self.proc.terminate()
             deadline = time.monotonic() + timeout

@@ -62,6 +62,7 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "    access-control: 0.0.0.0/0 allow",
         "    access-control: ::/0 allow",
         "    num-threads: 2",
+        # lets the next agent's cache bind beside a draining one during a rolling update
         "    so-reuseport: yes",
         # undersized DNS server receive buffers are a measured source of 5 s tails
         "    so-rcvbuf: 8m",

@@ -43,9 +43,15 @@ _IPT_TARGET: dict[Verdict, Tokens] = {
 _NFT_HOOK_PRIORITY: dict[Table, tuple[str, str]] = {
     Table.RAW: ("filter", "raw"),
     Table.FILTER: ("filter", "filter"),
-    # ahead of kube-proxy's nat chains (dstnat) so the fallback DNAT is seen first
+    # ahead of kube-proxy's nat chains (dstnat, -100) so the fallback DNAT is seen first
     Table.NAT: ("nat", "dstnat - 10"),
 }
+
+
+def _nft_priority(table: Table, hook: Hook) -> str:
+    """As ``nft list`` prints it: the name ``dstnat`` exists for prerouting only."""
+    _, prio = _NFT_HOOK_PRIORITY[table]
+    return "-110" if table is Table.NAT and hook is Hook.OUTPUT else prio
 
 
 def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
@@ -177,7 +183,8 @@ def nft_table(rulesets: Iterable[Ruleset]) -> str:
             chains.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value))):
         if i or sets:
             out.append("")
-        ctype, prio = _NFT_HOOK_PRIORITY[table]
+        ctype, _ = _NFT_HOOK_PRIORITY[table]
+        prio = _nft_priority(table, hook)
         name = f"{table.value}-{hook.value.lower()}"
         out.append(f"\tchain {name} {{")
         out.append(f"\t\ttype {ctype} hook {hook.value.lower()} priority {prio}; policy accept;")

@@ -791,6 +791,11 @@ class Lab:
             self._ip("-n", ns, "addr", "add", f"{NODE_IPS[fam]}/{net.prefixlen}", "dev", _BRIDGE,
                      *(["nodad"] if fam is Family.V6 else []))
         self._ip("-n", ns, "link", "set", _BRIDGE, "up")
+        # A real node reaches Service IPs through its default route; kube-proxy then DNATs
+        # them in OUTPUT. Without a route, host-network lookups fail before netfilter runs.
+        for fam in self.families:
+            self._ip("-n", ns, f"-{fam.value}", "route", "add", str(SERVICE_CIDRS[fam]),
+                     "dev", _BRIDGE)
 
     def _build_pod(self, ns: str, host_if: str, addrs: Sequence[IPAddress]) -> None:
         self._add_netns(ns)
@@ -832,7 +837,7 @@ class Lab:
 
     def _dnsmasq_argv(self, i: int) -> list[str]:
         argv = [
-            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--bind-interfaces", "--pid-file=", "--log-facility=-", "--cache-size=0",
             # Authoritative-style answers: unknown names in the cluster domain are
             # NXDOMAIN, and so is everything else, as a real upstream would answer; the
