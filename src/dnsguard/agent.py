@@ -7,6 +7,11 @@ and counted, then repaired by the same sync, so repair takes at most one interva
 is retried with exponential backoff (1 s, 2 s, ... capped at the interval) on an injected clock,
 never with ad-hoc sleeps; the previous rules stay as they were because every write is one
 atomic transaction.
+
+The loop wakes for three reasons: the sync interval, the node-local cache's health tick, and
+new facts (a `replan` callable, fed by the Kubernetes watch, returns a new plan; the loop then
+syncs at once and hands the cache its new upstreams). Everything it knows is written to the
+state directory at every turn for ``dnsguard status``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dnsguard.cache.runtime import HEALTH_INTERVAL, CacheRuntime
 from dnsguard.netfilter import Netfilter, NetfilterError, RestoreFailed
 from dnsguard.plan import Plan
+from dnsguard.report import write_status
+
+if TYPE_CHECKING:
+    from dnsguard.metrics import Metrics
 
 __all__ = ["Agent", "AgentState", "Clock", "SystemClock"]
 
@@ -34,8 +44,8 @@ MIN_BACKOFF_SECONDS = 1.0
 class Clock(Protocol):
     def monotonic(self) -> float: ...
 
-    def wait(self, stop: threading.Event, timeout: float) -> bool:
-        """Block until ``stop`` is set or ``timeout`` passes; True when stopped."""
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        """Block until ``event`` is set or ``timeout`` passes; True when set."""
         ...
 
 
@@ -43,8 +53,8 @@ class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
-    def wait(self, stop: threading.Event, timeout: float) -> bool:
-        return stop.wait(timeout)
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        return event.wait(timeout)
 
 
 @dataclass
@@ -61,33 +71,55 @@ class AgentState:
     last_drift: tuple[str, ...] = ()
     last_sync_at: float | None = None
     last_sync_seconds: float = 0.0
+    last_sync_wall: float = 0.0
+    last_loop_wall: float = 0.0
+    replans: int = 0
 
 
 class Agent:
     def __init__(self, netfilter: Netfilter, plan: Plan, *, interval: float,
-                 clock: Clock | None = None, cache: CacheRuntime | None = None) -> None:
+                 clock: Clock | None = None, cache: CacheRuntime | None = None,
+                 metrics: Metrics | None = None, state_dir: Path | None = None,
+                 replan: Callable[[], Plan | None] | None = None,
+                 kube_status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.netfilter = netfilter
         self.plan = plan
         self.interval = interval
         self.clock: Clock = clock or SystemClock()
         self.cache = cache
+        self.metrics = metrics
+        self.state_dir = state_dir
+        self.replan = replan
+        self._kube_status = kube_status
         self.state = AgentState()
+        self._wakeup = threading.Event()
+
+    def wake(self) -> None:
+        """Make the loop turn now (new facts, or a stop request)."""
+        self._wakeup.set()
+
+    def kube_status(self) -> dict[str, Any] | None:
+        return self._kube_status() if self._kube_status is not None else None
 
     def sync(self) -> bool:
         """Reconcile once; True when the kernel holds exactly the plan afterwards."""
         st = self.state
         start = self.clock.monotonic()
         st.syncs += 1
+        wrote = False
         try:
             drift = self.netfilter.drift(self.plan)
             if drift:
                 if st.in_sync:
                     st.outside_changes += 1
+                    if self.metrics is not None:
+                        self.metrics.outside_changes.inc()
                     log.warning("rules changed outside dnsguard, restoring: %s", "; ".join(drift))
                 else:
                     log.info("kernel differs from plan: %s", "; ".join(drift))
                 written = self.netfilter.apply(self.plan)
                 st.writes += 1
+                wrote = True
                 log.info("applied %s", ", ".join(written) or "nothing")
                 drift = self.netfilter.drift(self.plan)
                 if drift:
@@ -98,17 +130,23 @@ class Agent:
             st.failures[exc.reason] += 1
             st.consecutive_failures += 1
             st.last_error = str(exc)
+            if self.metrics is not None:
+                self.metrics.sync_errors.labels(exc.reason).inc()
             log.error("sync failed: %s", exc)
             if isinstance(exc, RestoreFailed) and exc.context:
                 log.error("input around the failing line:\n%s", exc.context)
             return False
         finally:
             st.last_sync_seconds = self.clock.monotonic() - start
+            if self.metrics is not None:
+                self.metrics.sync_duration.labels("write" if wrote else "noop").observe(
+                    st.last_sync_seconds)
         st.in_sync = True
         st.consecutive_failures = 0
         st.last_error = ""
         st.last_drift = tuple(drift)
         st.last_sync_at = self.clock.monotonic()
+        st.last_sync_wall = time.time()
         return True
 
     def next_delay(self) -> float:
@@ -118,11 +156,28 @@ class Agent:
             return self.interval
         return min(self.interval, MIN_BACKOFF_SECONDS * float(2 ** (n - 1)))
 
+    def _take_new_plan(self) -> bool:
+        """Adopt a new plan from `replan`; True when it differs from the current one."""
+        if self.replan is None:
+            return False
+        new = self.replan()
+        if new is None or new == self.plan:
+            return False
+        self.state.replans += 1
+        log.info("facts changed: new plan with %d rules", new.rule_count)
+        self.plan = new
+        if self.cache is not None and new.cache is not None:
+            try:
+                self.cache.update(new.cache)
+            except NetfilterError as exc:
+                log.error("could not update the cache: %s", exc)
+        return True
+
     def run(self, stop: threading.Event) -> None:
-        """Sync now, then every interval (sooner after failures) until ``stop`` is set.
+        """Sync now, then every interval (sooner after failures or new facts) until ``stop``.
 
         With a node-local cache the loop also ticks the cache every `HEALTH_INTERVAL`; rule
-        syncs keep their own cadence.
+        syncs keep their own cadence. Whoever sets ``stop`` calls `wake` too.
         """
         try:
             removed = self.netfilter.cleanup_other_backends()
@@ -132,17 +187,43 @@ class Agent:
             log.warning("could not check other backends for leftovers: %s", exc)
         next_sync = self.clock.monotonic()
         while not stop.is_set():
-            now = self.clock.monotonic()
-            if now >= next_sync:
+            self.state.last_loop_wall = time.time()
+            if self._take_new_plan():
+                next_sync = self.clock.monotonic()
+            if self.clock.monotonic() >= next_sync:
                 self.sync()
                 next_sync = self.clock.monotonic() + self.next_delay()
             if self.cache is not None:
                 self.cache.tick()
-                delay = min(HEALTH_INTERVAL, max(0.0, next_sync - self.clock.monotonic()))
-            else:
-                delay = max(0.0, next_sync - self.clock.monotonic())
-            if self.clock.wait(stop, delay):
-                break
+            self.write_status()
+            delay = max(0.0, next_sync - self.clock.monotonic())
+            if self.cache is not None:
+                delay = min(HEALTH_INTERVAL, delay)
+            self.clock.wait(self._wakeup, delay)
+            self._wakeup.clear()
+
+    def report(self) -> dict[str, Any]:
+        st = self.state
+        doc: dict[str, Any] = {
+            "in_sync": st.in_sync, "syncs": st.syncs, "writes": st.writes,
+            "outside_changes": st.outside_changes, "replans": st.replans,
+            "failures": dict(st.failures), "last_error": st.last_error,
+            "rules": self.plan.rule_count,
+        }
+        if self.cache is not None:
+            doc["cache"] = self.cache.report()
+        kube = self.kube_status()
+        if kube is not None:
+            doc["kube"] = kube
+        return doc
+
+    def write_status(self) -> None:
+        if self.state_dir is None:
+            return
+        try:
+            write_status(self.state_dir, self.report())
+        except OSError as exc:
+            log.debug("cannot write status: %s", exc)
 
     def shutdown(self, drain: float, skip_teardown: bool, remove_rules: Callable[[], list[str]],
                  ) -> None:
@@ -153,6 +234,7 @@ class Agent:
         """
         if self.cache is not None:
             self.cache.withdraw()
+            self.write_status()
             if drain > 0:
                 log.info("draining for %gs before stopping the cache", drain)
                 self.clock.wait(threading.Event(), drain)

@@ -12,18 +12,23 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import cast
 
-from dnsguard import __version__, cli_diag
+from prometheus_client import CollectorRegistry
+
+from dnsguard import __version__, cli_diag, selfprobe
 from dnsguard.agent import Agent
-from dnsguard.cache.runtime import STATE_FILES, CacheRuntime, read_status
+from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
 from dnsguard.cache.unbound import Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
-from dnsguard.facts import Observed, observe
+from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
+from dnsguard.kube import KubeApiError, KubeError, KubeSource
 from dnsguard.logs import setup_logging
+from dnsguard.metrics import Metrics, Probe, serve
 from dnsguard.model import Backend, Family
 from dnsguard.netfilter import Netfilter, NetfilterError, SubprocessRunner, cleanup, inventory
 from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
@@ -33,12 +38,15 @@ from dnsguard.node.detect import node_families
 from dnsguard.node.links import remove_link
 from dnsguard.node.resolv import nameservers
 from dnsguard.plan import Plan, PlanRefused, plan
+from dnsguard.report import read_status
 
 __all__ = ["main"]
 
 log = logging.getLogger("dnsguard")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: how long `run` waits for the API's first facts before giving up
+FIRST_FACTS_TIMEOUT = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,16 +86,23 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     except (ConfigError, PlanRefused) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except NetfilterError as exc:
+    except (NetfilterError, KubeError) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
 
 
-def _observe_and_plan(settings: Settings, runner: Runner) -> tuple[Observed, Plan]:
+def _observe(settings: Settings, runner: Runner) -> Observed:
     obs = observe(settings, runner, node_nameservers=nameservers(settings.node_resolv_conf))
     for note in obs.notes:
         log.info("%s", note)
-    return obs, plan(obs.facts, settings)
+    return obs
+
+
+def _observe_and_plan(settings: Settings, runner: Runner) -> tuple[Observed, Plan]:
+    """Node facts, plus the API's facts (one list) for whatever the flags did not give."""
+    obs = _observe(settings, runner)
+    eff, facts = with_cluster(settings, obs, load_cluster(settings))
+    return obs, plan(facts, eff)
 
 
 def render_plan(p: Plan, backend: Backend) -> str:
@@ -134,7 +149,13 @@ def cmd_apply(args: argparse.Namespace, settings: Settings, runner: Runner) -> i
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
-    obs, p = _observe_and_plan(settings, runner)
+    obs = _observe(settings, runner)
+    source = kube_source(settings)
+    if source is None:
+        p = plan(obs.facts, settings)
+    else:
+        source.start()
+        p = _first_plan(source, settings, obs)
     nf = _netfilter(obs, runner)
     cache = None
     if p.cache is not None:
@@ -145,20 +166,128 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
         except NetfilterError:
             cache.teardown()  # nothing half-applied: no link, no config left behind
             raise
-    agent = Agent(nf, p, interval=settings.sync_interval, cache=cache)
+    metrics = Metrics(CollectorRegistry())
+    agent = Agent(nf, p, interval=settings.sync_interval, cache=cache, metrics=metrics,
+                  state_dir=settings.state_dir,
+                  replan=_replanner(source, settings, obs) if source else None,
+                  kube_status=source.status if source else None)
+    metrics.watch(agent, runner)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        agent.wake()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = None
+    if settings.metrics_address is not None:
+        server = serve(settings.metrics_address, metrics, lambda: _healthy(agent, settings),
+                       lambda: _ready(agent))
+    if source is not None:
+        _watch_facts(source, agent, stop)
+    if settings.probe_interval > 0:
+        _self_probe(agent, metrics, settings, stop)
     log.info("agent started: %d rules, sync every %gs", p.rule_count, settings.sync_interval)
-    agent.run(stop)
-    agent.shutdown(settings.drain_seconds, settings.skip_teardown,
-                   lambda: cleanup(runner, obs.facts.families))
+    try:
+        agent.run(stop)
+        agent.shutdown(settings.drain_seconds, settings.skip_teardown,
+                       lambda: cleanup(runner, obs.facts.families))
+    finally:
+        if server is not None:
+            server.shutdown()
+        if source is not None:
+            source.stop()
     return EXIT_OK
+
+
+def _first_plan(source: KubeSource, settings: Settings, obs: Observed) -> Plan:
+    """Wait for the API's first complete facts; without them the plan may not be right."""
+    deadline = time.monotonic() + FIRST_FACTS_TIMEOUT
+    while (cf := source.snapshot()) is None:
+        if time.monotonic() > deadline:
+            source.stop()
+            raise KubeApiError(f"no facts from the Kubernetes API within "
+                               f"{FIRST_FACTS_TIMEOUT:g}s: {source.status().get('last_error')}")
+        source.wait_changed(1.0)
+    eff, facts = with_cluster(settings, obs, cf)
+    return plan(facts, eff)
+
+
+def _replanner(source: KubeSource, settings: Settings, obs: Observed,
+               ) -> Callable[[], Plan | None]:
+    """The agent calls this each loop turn: a new plan when the API's facts changed.
+
+    A refused plan (the DNS Service was deleted, say) keeps the old one: never tear down rules
+    because of what the API says for a moment.
+    """
+    last_refusal = ""
+
+    def replan() -> Plan | None:
+        nonlocal last_refusal
+        cf = source.snapshot()
+        if cf is None:
+            return None
+        eff, facts = with_cluster(settings, obs, cf)
+        try:
+            return plan(facts, eff)
+        except PlanRefused as exc:
+            if str(exc) != last_refusal:
+                log.warning("keeping the current rules: new facts give no valid plan: %s", exc)
+                last_refusal = str(exc)
+            return None
+
+    return replan
+
+
+def _watch_facts(source: KubeSource, agent: Agent, stop: threading.Event) -> None:
+    """Wake the agent within a second of a fact change."""
+    def loop() -> None:
+        while not stop.is_set():
+            if source.wait_changed(1.0):
+                agent.wake()
+
+    threading.Thread(target=loop, daemon=True, name="kube-facts").start()
+
+
+def _self_probe(agent: Agent, metrics: Metrics, settings: Settings,
+                stop: threading.Event) -> None:
+    """Low-rate lookups of the cluster DNS (and the node-local cache) for the histogram."""
+    name = f"kubernetes.default.svc.{settings.cluster_domain}"
+
+    def loop() -> None:
+        while not stop.wait(settings.probe_interval):
+            targets: list[tuple[str, str]] = []
+            if agent.plan.cache is not None and agent.plan.cache.listen:
+                targets.append(("local", str(agent.plan.cache.listen[0])))
+            if settings.dns_ips:
+                targets.append(("cluster", str(settings.dns_ips[0])))
+            for label, server in targets:
+                took = selfprobe.lookup(server, name, timeout=5.0)
+                if took is None:
+                    metrics.probe_failures.labels(label).inc()
+                    metrics.probe_duration.labels(label).observe(float("inf"))
+                else:
+                    metrics.probe_duration.labels(label).observe(took)
+
+    threading.Thread(target=loop, daemon=True, name="self-probe").start()
+
+
+def _healthy(agent: Agent, settings: Settings) -> Probe:
+    """Alive while the loop turns: a hung loop (stuck exec, deadlock) fails liveness."""
+    age = time.time() - agent.state.last_loop_wall
+    limit = max(3 * settings.sync_interval, 30.0)
+    return Probe(age < limit, f"loop turned {age:.1f}s ago (limit {limit:g}s)")
+
+
+def _ready(agent: Agent) -> Probe:
+    """Ready when the rules are in sync and, with a cache, it intercepts DNS."""
+    if not agent.state.in_sync:
+        return Probe(False, f"rules not in sync: {agent.state.last_error or 'first sync pending'}")
+    if agent.cache is not None and not agent.cache.state.intercepting:
+        return Probe(False, f"cache not intercepting: {agent.cache.state.reason}")
+    return Probe(True, "in sync" + (", cache intercepting" if agent.cache else ""))
 
 
 def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
@@ -187,8 +316,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
             notes=list(obs.notes), planned_rules=p.rule_count,
             in_sync=not drift, drift=drift,
         )
+        # the loop turns every health tick with a cache, else every sync interval
+        turn = HEALTH_INTERVAL if p.cache is not None else settings.sync_interval
+        agent = read_status(settings.state_dir, max_age=3 * turn + 2)
+        doc["agent"] = agent["agent"]
         if p.cache is not None:
-            doc["cache"] = read_status(settings.state_dir)
+            cache = dict(agent.get("cache") or {})
+            if agent["agent"] != "running" or not cache:
+                cache.update(intercepting=False,
+                             reason=f"{agent.get('reason')}: DNS takes kube-proxy's path")
+            doc["cache"] = {**cache, "agent": agent["agent"]}
+        if "kube" in agent:
+            doc["kube"] = agent["kube"]
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,13 @@ class Settings:
     node_resolv_conf: Path = Path("/etc/resolv.conf")
     drain_seconds: float = 2.0
     unbound: str = "unbound"
+    # Kubernetes API: facts the flags do not give
+    kubeconfig: Path | None = None
+    dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
+    node_name: str | None = None
+    # reporting
+    metrics_address: tuple[str, int] | None = None
+    probe_interval: float = 0.0
 
 
 def env_name(flag: str) -> str:
@@ -65,6 +73,19 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", metavar="text|json")
     parser.add_argument("--skip-teardown", action="store_true", default=None,
                         help="leave the rules in place when the agent stops")
+    kube = parser.add_argument_group("Kubernetes API (facts the flags do not give)")
+    kube.add_argument("--kubeconfig", metavar="PATH",
+                      help="default: in-cluster config when in a pod, else no API")
+    kube.add_argument("--dns-service", action="append", metavar="NAMESPACE/NAME",
+                      help="DNS Service to watch (repeatable; default kube-system/kube-dns)")
+    kube.add_argument("--node-name", metavar="NAME",
+                      help="this node, for its pod CIDRs (default $NODE_NAME)")
+    report = parser.add_argument_group("reporting (dnsguard run)")
+    report.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="serve /metrics, /healthz and /readyz here (default: off)")
+    report.add_argument("--probe-interval", metavar="SECONDS",
+                        help="self-probe the cluster DNS this often for the latency histogram "
+                             "(default 0: off)")
     cache = parser.add_argument_group("node-local cache (--mitigation nodelocal)")
     cache.add_argument("--local-ip", action="append", metavar="IP",
                        help="address the cache serves on (repeatable; default 169.254.20.10)")
@@ -141,6 +162,29 @@ def _endpoint(flag: str, raw: str) -> tuple[IPAddress, int]:
     return ip, _port(flag, port)
 
 
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _service(flag: str, raw: str) -> tuple[str, str]:
+    ns, sep, name = raw.partition("/")
+    if not sep or not _DNS1123.match(ns) or not _DNS1123.match(name):
+        raise ConfigError(f"invalid {flag} {raw!r}: expected NAMESPACE/NAME")
+    return ns, name
+
+
+def _hostport(flag: str, raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise ConfigError(f"invalid {flag} {raw!r}: expected HOST:PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"invalid {flag} {raw!r}: HOST must be an IP address") from None
+    return host, _port(flag, port)
+
+
 def _domain(flag: str, raw: str) -> str:
     name = raw.strip(".").lower()
     labels = name.split(".")
@@ -203,6 +247,16 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["unbound"] = str(raw)
     if (raw := _raw(ns, env, "--drain-seconds")) is not None:
         kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
+    if (raw := _raw(ns, env, "--kubeconfig")) is not None:
+        kwargs["kubeconfig"] = Path(str(raw))
+    if svcs := _items(_raw(ns, env, "--dns-service")):
+        kwargs["dns_services"] = _dedup([_service("--dns-service", v) for v in svcs])
+    if node := (_raw(ns, env, "--node-name") or env.get("NODE_NAME")):
+        kwargs["node_name"] = str(node)
+    if (raw := _raw(ns, env, "--metrics-address")) is not None and str(raw):
+        kwargs["metrics_address"] = _hostport("--metrics-address", str(raw))
+    if (raw := _raw(ns, env, "--probe-interval")) is not None:
+        kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:
         kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
     skip = _raw(ns, env, "--skip-teardown")

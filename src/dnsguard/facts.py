@@ -8,15 +8,18 @@ evidence or fail with a message saying what was looked for.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dnsguard.config import ConfigError, Settings
+from dnsguard.kube import ClusterFacts, KubeSource, load_once
 from dnsguard.model import Backend, Family, IPAddress, NodeFacts
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.detect import detect_backend, detect_proxy_mode, node_families
 
-__all__ = ["Observed", "observe"]
+__all__ = ["Observed", "kube_source", "load_cluster", "observe", "with_cluster"]
 
 log = logging.getLogger("dnsguard.facts")
 
@@ -68,3 +71,47 @@ def observe(settings: Settings, runner: Runner, proc_root: Path = Path("/proc"),
     facts = NodeFacts(proxy_mode=mode, dns_ips=settings.dns_ips, pod_cidrs=settings.pod_cidrs,
                       families=families, node_nameservers=node_nameservers)
     return Observed(facts, backend, tuple(notes))
+
+
+def uses_api(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
+    """The API is asked when a kubeconfig is given or we run in a pod (in-cluster config)."""
+    env = os.environ if env is None else env
+    return settings.kubeconfig is not None or "KUBERNETES_SERVICE_HOST" in env
+
+
+def _kube_args(settings: Settings) -> dict[str, object]:
+    return {"kubeconfig": str(settings.kubeconfig) if settings.kubeconfig else None,
+            "dns_services": settings.dns_services, "node_name": settings.node_name}
+
+
+def load_cluster(settings: Settings) -> ClusterFacts | None:
+    """One list of the API for one-shot commands; None when the API is not in use."""
+    if not uses_api(settings):
+        return None
+    return load_once(**_kube_args(settings))  # type: ignore[arg-type]
+
+
+def kube_source(settings: Settings) -> KubeSource | None:
+    """A watching source for the agent; None when the API is not in use."""
+    if not uses_api(settings):
+        return None
+    return KubeSource(**_kube_args(settings))  # type: ignore[arg-type]
+
+
+def with_cluster(settings: Settings, obs: Observed,
+                 cluster: ClusterFacts | None) -> tuple[Settings, NodeFacts]:
+    """Fill what the flags did not give from the API's facts; flags always win."""
+    if cluster is None:
+        return settings, obs.facts
+    fams = obs.facts.families
+    eff = replace(
+        settings,
+        dns_ips=settings.dns_ips or tuple(ip for ip in cluster.dns_ips if Family.of(ip) in fams),
+        pod_cidrs=settings.pod_cidrs or tuple(c for c in cluster.pod_cidrs
+                                              if Family.of(c) in fams),
+        upstreams=settings.upstreams or tuple(e for e in cluster.dns_endpoints
+                                              if Family.of(e[0]) in fams),
+    )
+    facts = replace(obs.facts, dns_ips=eff.dns_ips, pod_cidrs=eff.pod_cidrs,
+                    dns_endpoints=tuple(ip for ip, _ in cluster.dns_endpoints))
+    return eff, facts

@@ -178,3 +178,5 @@ class NodeFacts:
     families: frozenset[Family] = field(default_factory=lambda: frozenset({Family.V4}))
     #: nameservers of the node's own resolv.conf, for names outside the cluster domain
     node_nameservers: tuple[IPAddress, ...] = ()
+    #: the DNS Service's ready endpoints (pod IPs), when the Kubernetes API told us
+    dns_endpoints: tuple[IPAddress, ...] = ()

@@ -68,3 +68,13 @@ def test_v6_only_plan_owns_nothing_in_v4() -> None:
     p = plan(facts(ProxyMode.IPVS, (V6,), (CIDR6,)), Settings())
     assert [rs.family for rs in p.rulesets] == [Family.V6]
     assert p.for_family(Family.V4).chains == ()
+
+
+def test_known_dns_endpoints_narrow_the_reply_rule_to_those_pods() -> None:
+    ep1, ep2 = ipaddress.ip_address("198.18.5.7"), ipaddress.ip_address("198.18.9.3")
+    f = NodeFacts(proxy_mode=ProxyMode.IPVS, dns_ips=(V4,), pod_cidrs=(CIDR4,),
+                  dns_endpoints=(ep1, ep2), families=frozenset({Family.V4}))
+    rules = plan(f, Settings()).for_family(Family.V4).chains[0].rules
+    replies = [r.match for r in rules if r.match.sport == 53]
+    assert {(str(m.src), str(m.dst)) for m in replies} == {
+        ("198.18.5.7/32", "198.18.0.0/24"), ("198.18.9.3/32", "198.18.0.0/24")}

@@ -1,21 +1,21 @@
 """The node-local cache at run time: link, unbound, health, and the dead man's switch.
 
 `tick` runs every `HEALTH_INTERVAL`. While the cache answers its health query (and its last
-upstream probe succeeded) the switch is refreshed, so interception stays on; otherwise it is
-left to expire and pods fall back to kube-proxy's path within `ALIVE_SECONDS`. A cache that
-exits is restarted with backoff. Every tick writes ``status.json`` in the state directory, which
-``dnsguard status`` reads (a stale file means no agent is running, hence fail-open).
+upstream probe succeeded) the switch is refreshed, so interception stays on. When the agent
+sees the cache fail (the exit watcher fires, or a health check fails) it withdraws the switch at
+once; if the agent itself dies, the switch expires within `ALIVE_SECONDS`. Either way pods fall
+back to kube-proxy's path. A cache that exits is restarted with backoff.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dnsguard.cache import health
 from dnsguard.cache.unbound import CacheError, Unbound
@@ -26,7 +26,7 @@ from dnsguard.netfilter.runner import Runner
 from dnsguard.node.links import ensure_link, remove_link
 from dnsguard.plan.cache import CacheSpec, render_unbound
 
-__all__ = ["HEALTH_INTERVAL", "STATE_FILES", "CacheRuntime", "CacheState", "read_status"]
+__all__ = ["HEALTH_INTERVAL", "STATE_FILES", "CacheRuntime", "CacheState"]
 
 log = logging.getLogger("dnsguard.cache")
 
@@ -48,7 +48,6 @@ class CacheState:
     restarts: int = 0
     fail_opens: int = 0
     link_kind: str = ""
-    updated: float = 0.0  # wall clock, for staleness checks by other processes
 
 
 class CacheRuntime:
@@ -106,7 +105,6 @@ class CacheRuntime:
                     self._set_unhealthy(str(exc))
                     self._next_restart = now + self._backoff
                     self._backoff = min(self._backoff * 2, MAX_RESTART_BACKOFF)
-            self._write_status()
             return
         reason = health.check(self.spec.health_port)
         if reason is None and self._upstream_failures >= UPSTREAM_FAILURES_TO_FAIL_OPEN:
@@ -115,7 +113,6 @@ class CacheRuntime:
             self._set_healthy()
         else:
             self._set_unhealthy(reason)
-        self._write_status()
         # after the refresh, so a slow probe cannot leave a gap in the switch
         if now >= self._next_upstream_probe and self.unbound.running():
             self._next_upstream_probe = now + UPSTREAM_PROBE_EVERY
@@ -173,7 +170,6 @@ class CacheRuntime:
             self._withdraw_switch()
         self.state.intercepting = False
         self.state.reason = "withdrawn for shutdown"
-        self._write_status()
 
     def stop(self) -> None:
         self.unbound.stop()
@@ -185,29 +181,5 @@ class CacheRuntime:
         for name in STATE_FILES:
             (self.state_dir / name).unlink(missing_ok=True)
 
-    def _write_status(self) -> None:
-        self.state.updated = time.time()
-        path = self.state_dir / "status.json"
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(asdict(self.state)))
-            tmp.replace(path)
-        except OSError as exc:
-            log.debug("cannot write %s: %s", path, exc)
-
-
-def read_status(state_dir: Path, max_age: float = 3 * HEALTH_INTERVAL + 2) -> dict[str, object]:
-    """The agent's last cache status, or why there is none (no agent: fail-open)."""
-    path = state_dir / "status.json"
-    try:
-        doc: dict[str, object] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"agent": "not running", "intercepting": False,
-                "reason": f"no status in {path}: DNS takes kube-proxy's path"}
-    age = time.time() - float(doc.get("updated", 0.0))  # type: ignore[arg-type]
-    if age > max_age:
-        doc.update(agent="not running", intercepting=False,
-                   reason=f"status is {age:.0f}s old: the agent is gone, interception expired")
-    else:
-        doc["agent"] = "running"
-    return doc
+    def report(self) -> dict[str, Any]:
+        return asdict(self.state)

@@ -23,6 +23,7 @@ from dnsguard.model import (
     Family,
     Hook,
     IPAddress,
+    IPNetwork,
     Match,
     Mitigation,
     NodeFacts,
@@ -99,16 +100,29 @@ def _plan_notrack(facts: NodeFacts) -> Plan:
                     Verdict.NOTRACK,
                     f"dnsguard: DNS {proto.value} request to cluster DNS {ip}",
                 ))
-            for cidr in cidrs:
+            for src, dst in _reply_pairs(facts, family, cidrs):
                 # Replies to pods only: a reply towards a node address may be a NodePort or
                 # LoadBalancer reply that kube-proxy masqueraded and must be un-NATed.
+                what = f"DNS pod {src.network_address}" if src.prefixlen == src.max_prefixlen \
+                    else f"DNS pods in {src}"
                 rules.append(Rule(
-                    Match(proto=proto, src=cidr, dst=cidr, sport=DNS_PORT),
+                    Match(proto=proto, src=src, dst=dst, sport=DNS_PORT),
                     Verdict.NOTRACK,
-                    f"dnsguard: DNS {proto.value} reply from DNS pods in {cidr}",
+                    f"dnsguard: DNS {proto.value} reply from {what} to pods in {dst}",
                 ))
         rulesets.append(Ruleset(family, (Chain(Table.RAW, Hook.PREROUTING, tuple(rules)),)))
     return Plan(tuple(rulesets))
+
+
+def _reply_pairs(facts: NodeFacts, family: Family,
+                 cidrs: list[IPNetwork]) -> list[tuple[IPNetwork, IPNetwork]]:
+    """(source, destination) of the DNS replies to untrack.
+
+    With the DNS endpoints known (Kubernetes API), only replies from those pods count, wherever
+    they run; otherwise any pod in the pod ranges is taken to be a DNS pod.
+    """
+    eps = [ip_network(ip) for ip in facts.dns_endpoints if Family.of(ip) is family]
+    return [(src, dst) for src in (eps or cidrs) for dst in cidrs]
 
 
 def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:

@@ -1,0 +1,174 @@
+"""Every metric dnsguard exports, in one place, and the HTTP endpoint that serves them.
+
+Event metrics (sync latency, errors, outside changes, probe latency) are observed as they
+happen; state metrics (rules in sync, cache health, conntrack counters) are read at scrape
+time from the objects that own them, so a scrape never sees a stale copy. Labelled series are
+created at zero up front: a rate() over a counter that appears only after its first event would
+miss that event. The registry is passed in, so tests use their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dnsguard.netfilter.runner import Runner
+from dnsguard.node.conntrack import read_conntrack
+
+if TYPE_CHECKING:
+    from dnsguard.agent import Agent
+
+__all__ = ["SYNC_ERROR_REASONS", "Metrics", "serve"]
+
+log = logging.getLogger("dnsguard.metrics")
+
+#: every value `NetfilterError.reason` can take, so each series exists from the start
+SYNC_ERROR_REASONS = ("restore_failed", "lock_held", "command_not_found", "error", "cache", "link")
+PROBE_TARGETS = ("cluster", "local")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.sync_duration = Histogram(
+            "dnsguard_sync_duration_seconds", "Time of one reconcile: read, diff and write.",
+            ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry)
+        self.sync_errors = Counter(
+            "dnsguard_sync_errors_total", "Failed reconciles, by reason.", ["reason"],
+            registry=registry)
+        self.outside_changes = Counter(
+            "dnsguard_outside_changes_total",
+            "Times dnsguard's rules were found changed by someone else and restored.",
+            registry=registry)
+        self.probe_duration = Histogram(
+            "dnsguard_probe_duration_seconds",
+            "Self-probe lookups (A and AAAA, like glibc) by target; timeouts land in +Inf.",
+            ["target"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                 2.5, 5), registry=registry)
+        self.probe_failures = Counter(
+            "dnsguard_probe_failures_total", "Self-probe lookups that got no answer.",
+            ["target"], registry=registry)
+        for kind in ("noop", "write"):
+            self.sync_duration.labels(kind)
+        for reason in SYNC_ERROR_REASONS:
+            self.sync_errors.labels(reason)
+        for target in PROBE_TARGETS:
+            self.probe_duration.labels(target)
+            self.probe_failures.labels(target)
+
+    def watch(self, agent: Agent, runner: Runner, proc_root: Path = Path("/proc")) -> None:
+        """Export the agent's state and the node's conntrack counters at every scrape."""
+        self.registry.register(_StateCollector(agent, runner, proc_root))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, agent: Agent, runner: Runner, proc_root: Path) -> None:
+        self.agent, self.runner, self.proc_root = agent, runner, proc_root
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.agent.state
+        yield _gauge("dnsguard_rules_in_sync", "1 when the kernel holds exactly the plan.",
+                     1.0 if st.in_sync else 0.0)
+        yield _gauge("dnsguard_rules_planned", "Rules in the current plan.",
+                     float(self.agent.plan.rule_count))
+        yield _gauge("dnsguard_last_sync_timestamp_seconds",
+                     "Wall time of the last successful sync.", st.last_sync_wall)
+        yield _gauge("dnsguard_last_loop_timestamp_seconds",
+                     "Wall time the agent loop last turned (a hang detector).", st.last_loop_wall)
+        cache = self.agent.cache
+        if cache is not None:
+            cs = cache.state
+            yield _gauge("dnsguard_cache_healthy", "1 when the node-local cache answers.",
+                         1.0 if cs.healthy else 0.0)
+            yield _gauge("dnsguard_cache_intercepting",
+                         "1 while pods' DNS is steered to the cache; 0 means failed open "
+                         "(kube-proxy's path).", 1.0 if cs.intercepting else 0.0)
+            yield _counter("dnsguard_cache_restarts_total", "Restarts of the cache process.",
+                           cs.restarts)
+            yield _counter("dnsguard_cache_fail_open_total",
+                           "Times interception was withdrawn because the cache was unhealthy.",
+                           cs.fail_opens)
+        kube = self.agent.kube_status()
+        if kube is not None:
+            yield _gauge("dnsguard_kube_connected", "1 while the Kubernetes watches are healthy.",
+                         1.0 if kube.get("connected") else 0.0)
+        yield from self._conntrack()
+
+    def _conntrack(self) -> Iterator[Metric]:
+        try:
+            ct = read_conntrack(self.runner, self.proc_root)
+        except Exception as exc:  # never fail a scrape over a counter we could not read
+            log.debug("conntrack statistics unavailable: %s", exc)
+            return
+        if ct is None:
+            return
+        stats = CounterMetricFamily(
+            "dnsguard_conntrack_stat", "Kernel conntrack statistics (only those this kernel "
+            "maintains), summed over CPUs.", labels=["stat"])
+        for key, value in sorted(ct.counters.items()):
+            stats.add_metric([key], float(value))
+        yield stats
+        if ct.entries is not None:
+            yield _gauge("dnsguard_conntrack_entries", "Conntrack entries now.", ct.entries)
+        if ct.max is not None:
+            yield _gauge("dnsguard_conntrack_max", "nf_conntrack_max.", ct.max)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A health answer: ok, and a line saying why."""
+
+    ok: bool
+    detail: str
+
+
+def serve(address: tuple[str, int], metrics: Metrics, healthy: Callable[[], Probe],
+          ready: Callable[[], Probe]) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, metrics.exposition(), "text/plain; version=0.0.4")
+            elif self.path in ("/healthz", "/readyz"):
+                p = healthy() if self.path == "/healthz" else ready()
+                self._send(200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes every few seconds would drown the agent's own log
+
+    server = ThreadingHTTPServer(address, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
+    return server
