@@ -166,6 +166,7 @@ class Agent:
         self.state.replans += 1
         log.info("facts changed: new plan with %d rules", new.rule_count)
         self.plan = new
+        self.state.in_sync = False  # the kernel now differs by our own choice, not someone's
         if self.cache is not None and new.cache is not None:
             try:
                 self.cache.update(new.cache)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
@@ -305,10 +305,17 @@ def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) ->
 
 def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
     doc: dict[str, object] = {"installed": inventory(runner, node_families(Path("/proc")))}
+    agent: dict[str, Any] = {}
     try:
         obs, p = _observe_and_plan(settings, runner)
-    except (ConfigError, PlanRefused) as exc:
+    except (ConfigError, PlanRefused, KubeError) as exc:
         doc.update(in_sync=None, reason=str(exc))
+        if isinstance(exc, KubeError):
+            # the API is out of reach from here: report what the running agent knows
+            agent = read_status(settings.state_dir, max_age=3 * settings.sync_interval + 2)
+            doc.update(agent=agent["agent"], api_error=str(exc))
+            if agent["agent"] == "running":
+                doc.update(in_sync=agent.get("in_sync"), reason="as reported by the agent")
     else:
         drift = _netfilter(obs, runner).drift(p)
         doc.update(
@@ -326,8 +333,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
                 cache.update(intercepting=False,
                              reason=f"{agent.get('reason')}: DNS takes kube-proxy's path")
             doc["cache"] = {**cache, "agent": agent["agent"]}
-        if "kube" in agent:
-            doc["kube"] = agent["kube"]
+    if agent.get("agent") == "running":
+        for key in ("cache", "kube"):
+            if key in agent and key not in doc:
+                doc[key] = agent[key]
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
