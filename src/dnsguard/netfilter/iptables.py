@@ -209,24 +209,30 @@ class IptablesBackend:
         return removed
 
     def _drop_empty_builtins(self, family: Family, table: Table) -> None:
-        res = self.runner.run([self._tool(family, "save"), "-t", table.value])
+        """Delete the base chains of ``table`` that hold nothing, and the table if it empties.
+
+        Read from nft itself: iptables-nft-save also prints built-in chains that do not exist.
+        """
+        fam = family.nft_addr
+        res = self.runner.run(["nft", "list", "table", fam, table.value])
         if not res.ok:
             return
-        chains: dict[str, str] = {}
-        used: set[str] = set()
+        chains: dict[str, list[str]] = {}
+        current: list[str] | None = None
         for line in res.stdout.splitlines():
-            if line.startswith(":"):
-                name, policy = line[1:].split()[:2]
-                chains[name] = policy
-            elif line.startswith("-A "):
-                used.add(line.split()[1])
-        empty = [c for c, policy in chains.items()
-                 if c in _BUILTIN and policy == "ACCEPT" and c not in used]
+            text = line.strip()
+            if text.startswith("chain ") and text.endswith("{"):
+                current = chains.setdefault(text.split()[1], [])
+            elif text == "}":
+                current = None
+            elif current is not None and text:
+                current.append(text)
+        empty = [name for name, body in chains.items()
+                 if name in _BUILTIN and len(body) == 1 and "policy accept;" in body[0]]
         if not empty:
             return
-        fam = family.nft_addr
         text = "".join(f"delete chain {fam} {table.value} {c}\n" for c in empty)
-        if len(empty) == len(chains):
+        if len(empty) == len(chains) and " set " not in res.stdout:
             text += f"delete table {fam} {table.value}\n"
         self.runner.run(["nft", "-f", "-"], stdin=text)
 
