@@ -1,0 +1,256 @@
+"""The markdown report, rendered from the results document alone.
+
+Pure (a dict in, text out), so ``python -m bench --render FILE.json`` can redo the table of a
+stored run and tests can check the rendering of hand-made documents. Every throughput figure
+sits next to its ratio against the same-run baseline (kube-proxy iptables mode) and against the
+reference ceiling, because absolute rates on a shared 2-core machine move from run to run while
+ratios measured minutes apart mostly do not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bench.results import CT_COUNTERS, ratio
+from bench.spec import BASELINE, REFERENCE
+from bench.targets import run_index
+
+__all__ = ["fmt_count", "fmt_latency", "fmt_ratio", "markdown_table", "render"]
+
+Doc = Mapping[str, Any]
+
+
+def fmt_latency(v: float | None) -> str:
+    """Seconds -> ``0.84 ms`` / ``1.52 s``; None (a percentile on an unanswered lookup) ->
+    ``unanswered``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "unanswered"
+    if v < 1.0:
+        return f"{v * 1000:.2f} ms" if v < 0.1 else f"{v * 1000:.0f} ms"
+    return f"{v:.2f} s"
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_count(v: int | None) -> str:
+    """Counters: None means the kernel does not maintain it."""
+    return "n/a" if v is None else str(v)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   align: str = "") -> str:
+    """A GitHub table; ``align`` has one letter per column (l or r), default all left but the
+    numeric-looking ones."""
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError("every row needs one cell per column")
+    marks = [("---:" if (align[i:i + 1] or "l") == "r" else "---") for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(marks), *(line(r) for r in rows)]) + "\n"
+
+
+def _rate(run: Mapping[str, Any] | None) -> float | None:
+    return None if run is None else run["stats"]["lookups_per_second"]
+
+
+def _rcvbuf(run: Mapping[str, Any]) -> str:
+    rb = run.get("rcvbuf_errors") or {}
+    return " / ".join(f"{rb[k]}" if k in rb else "-" for k in ("dnsmasq", "unbound"))
+
+
+MAIN_HEADER = ["scenario", "path", "lookups/s", "x iptables", "x reference", "p50", "p99",
+               "p99.9", "max", ">=1 s", ">=5 s", "unanswered",
+               "conntrack " + " / ".join(CT_COUNTERS), "RcvbufErrors dnsmasq / unbound",
+               "dnsmasq TCP listen drops"]
+
+
+def _main_rows(doc: Doc) -> list[list[str]]:
+    runs = run_index(doc)
+    titles = {p["name"]: p["name"] for p in doc.get("paths", [])}
+    rows: list[list[str]] = []
+    for sc in doc.get("scenarios", []):
+        base = _rate(runs.get((BASELINE, sc["name"])))
+        ref = _rate(runs.get((REFERENCE, sc["name"])))
+        for entry in doc.get("runs", []):
+            if entry["scenario"] != sc["name"]:
+                continue
+            path = titles.get(entry["path"], entry["path"])
+            if entry.get("status") != "ok":
+                cells = [sc["name"], path, str(entry.get("status", "?")),
+                         str(entry.get("reason", ""))[:100]]
+                rows.append(cells + [""] * (len(MAIN_HEADER) - len(cells)))
+                continue
+            s = entry["stats"]
+            lat = s["latency_seconds"]
+            ct = entry.get("conntrack", {})
+            rate = s["lookups_per_second"]
+            rows.append([
+                sc["name"], path, f"{rate:,.0f}", fmt_ratio(ratio(rate, base)),
+                fmt_ratio(ratio(rate, ref)), fmt_latency(lat["p50"]), fmt_latency(lat["p99"]),
+                fmt_latency(lat["p99.9"]), fmt_latency(lat["max"]), str(s["at_least_1s"]),
+                str(s["at_least_5s"]),
+                str(s["timeouts"] + sum(s["errors"].values())),
+                " / ".join(fmt_count(ct.get(k)) for k in CT_COUNTERS),
+                _rcvbuf(entry),
+                fmt_count(entry.get("dnsmasq_tcp_listen_drops")),
+            ])
+    return rows
+
+
+
+def _targets(doc: Doc) -> str:
+    rows = []
+    for t in doc.get("targets", []):
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
+        rows.append([t["goal"], t["measured"], met])
+    return markdown_table(["target", "measured (same run)", "verdict"], rows)
+
+
+def _calibration(doc: Doc) -> str:
+    rows = [[c["path"], str(c["lookups"]), str(c.get("pod_entries", c["entries"])),
+             "n/a" if c["per_lookup"] is None else f"{c['per_lookup']:.3f}",
+             fmt_count(c.get("other_entries"))]
+            for c in doc.get("calibration", [])]
+    return markdown_table(["path", "lookups", "entries of the pods' lookups", "per lookup",
+                           "other DNS entries (the cache's upstream TCP)"], rows, "lrrrr")
+
+
+def _ipvs(doc: Doc) -> str:
+    ipvs = doc.get("ipvs")
+    if not isinstance(ipvs, dict) or "without" not in ipvs:
+        reason = ipvs.get("skipped", "not run") if isinstance(ipvs, dict) else "not run"
+        return f"Not measured: {reason}\n"
+    rows = []
+    for key, label in (("without", "kube-proxy ipvs, ClusterIP"),
+                       ("with", "+ dnsguard apply --mitigation notrack")):
+        ph = ipvs[key]
+        ct = ph.get("conntrack", {})
+        rows.append([label, str(ph["lookups"]), f"{ph['conntrack_entries_per_lookup']:.3f}",
+                     str(ph["at_least_1s"]), str(ph["at_least_5s"]),
+                     str(ph["timeouts"] + sum(ph["errors"].values())),
+                     " / ".join(fmt_count(ct.get(k)) for k in CT_COUNTERS)])
+    head = (f"Guest kernel {ipvs.get('kernel')} under qemu (software emulation: counts only, no "
+            f"rates); {ipvs.get('pods')} pods x {ipvs.get('concurrency')} in flight, kube-proxy "
+            f"rules written with iptables-{ipvs.get('iptables')}.\n\n")
+    return head + markdown_table(
+        ["path", "lookups", "ct entries per lookup", ">=1 s", ">=5 s", "unanswered",
+         "conntrack " + " / ".join(CT_COUNTERS)], rows, "lrrrrrr")
+
+
+def _rule_sync(doc: Doc) -> str:
+    rows_in = doc.get("rule_sync")
+    if not isinstance(rows_in, list):
+        reason = rows_in.get("skipped") if isinstance(rows_in, dict) else "not run"
+        return f"Not measured: {reason}\n"
+    rows = []
+    for r in rows_in:
+        per = f"{r['per_rule_exec_seconds']:.2f} s"
+        if r["per_rule_exec_extrapolated"]:
+            per += (f" (extrapolated from {r['per_rule_exec_rules_timed']} rules timed in "
+                    f"{r['per_rule_exec_seconds_timed']:.0f} s)")
+        apply_ms = r["dnsguard_apply_seconds"] * 1000
+        rows.append([r["backend"], f"{r['rules']:,}", f"{apply_ms:.0f} ms",
+                     f"{r['dnsguard_noop_sync_seconds'] * 1000:.0f} ms", per,
+                     "-" if r["speedup"] is None else f"{r['speedup']:,.0f}x"])
+    return markdown_table(["backend", "rules", "dnsguard apply (one restore)",
+                           "dnsguard sync, nothing to do", "one exec per rule (-C, -A)",
+                           "speed-up"], rows, "lrrrrr")
+
+
+def _footprint(doc: Doc) -> str:
+    fp = doc.get("footprint")
+    if not isinstance(fp, dict) or not fp:
+        return "Not measured.\n"
+    rows = []
+    for path, phases in fp.items():
+        if not isinstance(phases, dict):
+            continue
+        if "skipped" in phases:
+            rows.append([path, "skipped", str(phases["skipped"]), "", "", ""])
+            continue
+        for phase in ("idle", "churn"):
+            u = phases.get(phase)
+            if not isinstance(u, dict):
+                continue
+            what = ("idle, --sync-interval 10" if phase == "idle" else
+                    f"outside flush every 1 s, --sync-interval 1 "
+                    f"({phases.get('repairs', '?')} repairs)")
+            rows.append([path, what, f"{u['rss_mib']:.1f}", f"{u['peak_rss_mib']:.1f}",
+                         f"{u['cpu_percent_of_one_core']:.1f} %",
+                         f"{phases.get('unbound_rss_mib', float('nan')):.1f}"])
+    return markdown_table(["agent", "state", "RSS MiB", "peak RSS MiB",
+                           "CPU (agent + tools it runs), % of one core", "unbound RSS MiB"],
+                          rows, "llrrrr")
+
+
+def render(doc: Doc) -> str:
+    m = doc.get("machine", {})
+    load = doc.get("load", {})
+    out = [
+        f"# dnsguard benchmark, {doc.get('date')}\n",
+        f"`{doc.get('command')}` ({doc.get('profile')} profile) on {m.get('cpus')} CPUs, "
+        f"kernel {m.get('kernel')}, in {doc.get('seconds', 0) / 60:.1f} min. Every path ran on "
+        f"its own simulated node (network namespaces; 2 dnsmasq pods as CoreDNS, answer TTL "
+        f"{load.get('answer_ttl')} s) with the same load, interleaved scenario by scenario. "
+        "Figures are ratios against the same run; absolute rates belong to this shared "
+        "machine, where load generator and DNS servers share the same cores.\n",
+        f"Load: {load.get('description')}\n",
+        "## Targets\n",
+        _targets(doc),
+        "## Lookups by scenario and path\n",
+        "`unanswered`: lookups that timed out (no answer within "
+        f"{load.get('timeout_seconds')} s, where glibc would retry: a >= 5 s lookup) or failed. "
+        "`ct` columns are deltas of the node's conntrack counters during the run (`n/a`: not "
+        "maintained by this kernel). RcvbufErrors: datagrams dropped because a DNS server's "
+        "socket buffer was full.\n",
+        markdown_table(MAIN_HEADER, _main_rows(doc), "ll" + "r" * (len(MAIN_HEADER) - 2)),
+        "## Conntrack entries per lookup\n",
+        f"Measured apart, with {doc.get('calibration_lookups', '?')} lookups at low "
+        "concurrency from one pod so that random source ports (almost) never repeat: at the "
+        "scenarios' rates a repeated 5-tuple reuses its entry and would hide new ones. The name "
+        "mix makes 4 lookup steps (sockets) per 3 lookups. Entries are told apart by their "
+        "original source: a client pod, or the node (the cache querying CoreDNS over TCP on a "
+        "miss).\n",
+        _calibration(doc),
+        "## kube-proxy IPVS mode (qemu)\n",
+        _ipvs(doc),
+        "## Rule sync cost\n",
+        "dnsguard's apply reads the table once, diffs and writes its chain with one "
+        "`iptables-restore --noflush`; the alternative is one `iptables -C` plus one "
+        "`iptables -A` process per rule (kakao network-node-manager, node-cache). Same "
+        "`ip netns exec` prefix on both sides, scratch lab node, IPv4 raw table.\n",
+        _rule_sync(doc),
+        "## Agent footprint (`dnsguard run`, node-local)\n",
+        _footprint(doc),
+        "Kubernetes facts churn (Services and endpoints changing through the API) is not "
+        "measured yet: it needs the API-driven agent.\n",
+        "## Load generator\n",
+        _generator(doc),
+    ]
+    notes = doc.get("notes") or []
+    if notes:
+        out += ["## Notes\n", "".join(f"- {n}\n" for n in notes)]
+    return "\n".join(out)
+
+
+def _generator(doc: Doc) -> str:
+    c = doc.get("ceiling")
+    if not isinstance(c, dict) or "lookups_per_second" not in c:
+        return "Not measured.\n"
+    busiest = max((r["stats"]["generator_cores"] / max(r["stats"]["pods"], 1), r["path"],
+                   r["scenario"]) for r in doc.get("runs", []) if r.get("status") == "ok") \
+        if any(r.get("status") == "ok" for r in doc.get("runs", [])) else None
+    text = (f"One probe process ({c['concurrency']} lookups in flight, one pod, against the "
+            f"reference cache) drove {c['lookups_per_second']:,.0f} lookups/s using "
+            f"{c['generator_cores']:.2f} cores: that is one generator process's ceiling on this "
+            "machine with the fastest server available.")
+    if busiest is not None:
+        text += (f" In the scenarios, the busiest worker process used {busiest[0]:.2f} cores "
+                 f"({busiest[2]} on {busiest[1]}).")
+    return text + "\n"

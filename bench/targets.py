@@ -1,0 +1,177 @@
+"""The issue's targets, judged from a results document (the JSON the benchmark writes).
+
+Pure: a document in, `Target` values out, so a stored run can be re-judged and every verdict
+unit-tested. A target the run could not measure (scenario skipped, VM unavailable) is
+``met=None`` with the reason, never a pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bench.results import Target, ratio
+from bench.spec import NODELOCAL_PATHS, REFERENCE
+
+__all__ = ["evaluate", "run_index"]
+
+Doc = Mapping[str, Any]
+
+PRESSURE_MIN = 0.9
+CEILING_MIN = 0.9
+SYNC_MIN = 50.0
+RSS_MAX_MIB = 64.0
+
+
+def run_index(doc: Doc) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(path, scenario) -> run entry, for runs that completed."""
+    return {(r["path"], r["scenario"]): r for r in doc.get("runs", []) if r.get("status") == "ok"}
+
+
+def _rate(run: Mapping[str, Any] | None) -> float | None:
+    if run is None:
+        return None
+    v = run["stats"]["lookups_per_second"]
+    return float(v) if v is not None else None
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}x"
+
+
+def _slow_target(doc: Doc, runs: Mapping[tuple[str, str], Mapping[str, Any]],
+                 paths: Sequence[str]) -> Target:
+    parts: list[str] = []
+    details: dict[str, object] = {}
+    total = 0
+    measured = False
+    for path in paths:
+        per = {sc: r["stats"]["at_least_1s"] for (p, sc), r in runs.items() if p == path}
+        failed = {sc: r["stats"]["timeouts"] + sum(r["stats"]["errors"].values())
+                  for (p, sc), r in runs.items() if p == path}
+        if not per:
+            continue
+        measured = True
+        total += sum(per.values())
+        bad = {sc: n for sc, n in per.items() if n}
+        parts.append(f"{path}: {sum(per.values())}"
+                     + (f" ({', '.join(f'{k} {v}' for k, v in bad.items())})" if bad else
+                        f" in {len(per)} scenarios"))
+        details[path] = {"at_least_1s": per, "unanswered": failed}
+    return Target("nodelocal-no-slow", "dnsguard node-local: 0 lookups >= 1 s in every scenario",
+                  "; ".join(parts) or "not measured", (total == 0) if measured else None, details)
+
+
+def _pressure_target(doc: Doc, runs: Mapping[tuple[str, str], Mapping[str, Any]],
+                     paths: Sequence[str]) -> Target:
+    pressure = [s["name"] for s in doc.get("scenarios", []) if s.get("conntrack_max")]
+    parts: list[str] = []
+    worst: float | None = None
+    details: dict[str, object] = {}
+    for path in (*paths, "iptables"):
+        steady = _rate(runs.get((path, "steady")))
+        ratios = {sc: ratio(_rate(runs.get((path, sc))), steady) for sc in pressure
+                  if (path, sc) in runs}
+        known = [r for r in ratios.values() if r is not None]
+        if not known:
+            continue
+        low = min(known)
+        details[path] = {k: None if v is None else round(v, 3) for k, v in ratios.items()}
+        if path in paths:
+            worst = low if worst is None else min(worst, low)
+            parts.append(f"{path}: min {_fmt(low)} of steady")
+        else:
+            parts.append(f"(baseline {path}: min {_fmt(low)})")
+    met = None if worst is None else worst >= PRESSURE_MIN
+    return Target("pressure-throughput",
+                  f"node-local throughput under conntrack pressure >= {PRESSURE_MIN}x its steady "
+                  "rate", "; ".join(parts) or "not measured (needs --allow-sysctl)", met, details)
+
+
+def _ceiling_target(runs: Mapping[tuple[str, str], Mapping[str, Any]],
+                    paths: Sequence[str]) -> Target:
+    ref = _rate(runs.get((REFERENCE, "steady")))
+    parts: list[str] = []
+    values: list[float] = []
+    for path in paths:
+        r = ratio(_rate(runs.get((path, "steady"))), ref)
+        if r is not None:
+            values.append(r)
+            parts.append(f"{path}: {_fmt(r)}")
+    base = ratio(_rate(runs.get(("iptables", "steady"))), ref)
+    if base is not None:
+        parts.append(f"(baseline iptables: {_fmt(base)})")
+    met = None if not values else min(values) >= CEILING_MIN
+    return Target("ceiling", f"node-local steady rate >= {CEILING_MIN}x the reference ceiling",
+                  "; ".join(parts) or "not measured", met)
+
+
+def _conntrack_target(doc: Doc, paths: Sequence[str]) -> Target:
+    cal = {c["path"]: c for c in doc.get("calibration", [])}
+    parts: list[str] = []
+    values: list[float] = []
+    for path in paths:
+        c = cal.get(path)
+        if c is None or c.get("per_lookup") is None:
+            continue
+        values.append(float(c["per_lookup"]))
+        parts.append(f"{path}: {c['per_lookup']:.3f} ({c.get('pod_entries', c['entries'])} "
+                     f"entries / {c['lookups']} lookups; the cache's own upstream TCP: "
+                     f"{c.get('other_entries', 'n/a')})")
+    base = cal.get("iptables")
+    if base and base.get("per_lookup") is not None:
+        parts.append(f"(baseline iptables: {base['per_lookup']:.3f})")
+    met = None if not values else max(values) == 0
+    return Target("no-conntrack", "node-local: 0 conntrack entries per lookup",
+                  "; ".join(parts) or "not measured", met)
+
+
+def _sync_target(doc: Doc) -> Target:
+    rows = doc.get("rule_sync")
+    if not isinstance(rows, list):
+        return Target("rule-sync", f"rule sync >= {SYNC_MIN:g}x faster than one exec per rule "
+                      "at 1k rules", "not measured", None)
+    parts: list[str] = []
+    values: list[float] = []
+    for r in rows:
+        if r["rules"] != 1000 or r.get("speedup") is None:
+            continue
+        values.append(float(r["speedup"]))
+        parts.append(f"{r['backend']}: {r['speedup']:.0f}x ({r['dnsguard_apply_seconds']:.3f} s "
+                     f"vs {r['per_rule_exec_seconds']:.1f} s"
+                     + (", extrapolated" if r["per_rule_exec_extrapolated"] else "") + ")")
+    met = None if not values else min(values) >= SYNC_MIN
+    return Target("rule-sync", f"rule sync >= {SYNC_MIN:g}x faster than one exec per rule at "
+                  "1k rules", "; ".join(parts) or "not measured", met)
+
+
+def _rss_target(doc: Doc) -> Target:
+    fp = doc.get("footprint")
+    peaks: list[tuple[str, float]] = []
+    if isinstance(fp, dict):
+        for path, phases in fp.items():
+            if not isinstance(phases, dict):
+                continue
+            for phase in ("idle", "churn"):
+                u = phases.get(phase)
+                if isinstance(u, dict):
+                    peaks.append((f"{path} {phase}", float(u["peak_rss_mib"])))
+    if not peaks:
+        return Target("rss", f"agent RSS <= {RSS_MAX_MIB:g} MiB", "not measured", None)
+    worst = max(v for _, v in peaks)
+    return Target("rss", f"agent RSS <= {RSS_MAX_MIB:g} MiB",
+                  f"peak {worst:.1f} MiB (" + ", ".join(f"{k} {v:.1f}" for k, v in peaks) + ")",
+                  worst <= RSS_MAX_MIB)
+
+
+def evaluate(doc: Doc) -> list[Target]:
+    runs = run_index(doc)
+    paths = [p for p in NODELOCAL_PATHS if any(k[0] == p for k in runs)] or list(NODELOCAL_PATHS)
+    return [
+        _slow_target(doc, runs, paths),
+        _pressure_target(doc, runs, paths),
+        _ceiling_target(runs, paths),
+        _conntrack_target(doc, paths),
+        _sync_target(doc),
+        _rss_target(doc),
+    ]
