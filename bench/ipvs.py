@@ -32,7 +32,7 @@ __all__ = ["guest_main", "run_in_vm"]
 #: How long the guest may take (boot, lab, two loads, cleanup) before the host gives up.
 VM_TIMEOUT = 900.0
 #: Python under TCG starts in seconds, not milliseconds: workers get this long to start.
-GUEST_START_LEAD = 25.0
+GUEST_START_LEAD = 12.0
 
 
 def run_in_vm(lookups: int, concurrency: int, iptables: str) -> dict[str, object]:

@@ -64,15 +64,17 @@ def _rcvbuf(run: Mapping[str, Any]) -> str:
     return " / ".join(f"{rb[k]}" if k in rb else "-" for k in ("dnsmasq", "unbound"))
 
 
-MAIN_HEADER = ["scenario", "path", "lookups/s", "x iptables", "x reference", "p50", "p99",
-               "p99.9", "max", ">=1 s", ">=5 s", "unanswered",
-               "conntrack " + " / ".join(CT_COUNTERS), "RcvbufErrors dnsmasq / unbound",
-               "dnsmasq TCP listen drops"]
+SPEED_HEADER = ["scenario", "path", "lookups/s", "x iptables", "x reference", "x own steady",
+                "p50", "p99", "p99.9", "max"]
+TAIL_HEADER = ["scenario", "path", ">=1 s", "of which generator starved", ">=5 s",
+               "unanswered", "longest generator stall", "conntrack " + " / ".join(CT_COUNTERS),
+               "RcvbufErrors dnsmasq / unbound", "dnsmasq TCP listen drops"]
 
 
-def _main_rows(doc: Doc) -> list[list[str]]:
+def _rows(doc: Doc, tail: bool) -> list[list[str]]:
+    """One row per run, scenario by scenario: speed and latency, or the tail and counters."""
     runs = run_index(doc)
-    titles = {p["name"]: p["name"] for p in doc.get("paths", [])}
+    width = len(TAIL_HEADER if tail else SPEED_HEADER)
     rows: list[list[str]] = []
     for sc in doc.get("scenarios", []):
         base = _rate(runs.get((BASELINE, sc["name"])))
@@ -80,28 +82,34 @@ def _main_rows(doc: Doc) -> list[list[str]]:
         for entry in doc.get("runs", []):
             if entry["scenario"] != sc["name"]:
                 continue
-            path = titles.get(entry["path"], entry["path"])
+            head = [sc["name"], entry["path"]]
             if entry.get("status") != "ok":
-                cells = [sc["name"], path, str(entry.get("status", "?")),
-                         str(entry.get("reason", ""))[:100]]
-                rows.append(cells + [""] * (len(MAIN_HEADER) - len(cells)))
+                cells = [*head, str(entry.get("status", "?")), str(entry.get("reason", ""))[:120]]
+                rows.append(cells + [""] * (width - len(cells)))
                 continue
             s = entry["stats"]
+            if tail:
+                ct = entry.get("conntrack", {})
+                stall = s.get("generator_stall_max_seconds")
+                rows.append([
+                    *head, str(s["at_least_1s"]),
+                    fmt_count(s.get("at_least_1s_generator_starved")), str(s["at_least_5s"]),
+                    str(s["timeouts"] + sum(s["errors"].values())),
+                    "n/a" if stall is None else fmt_latency(stall),
+                    " / ".join(fmt_count(ct.get(k)) for k in CT_COUNTERS),
+                    _rcvbuf(entry), fmt_count(entry.get("dnsmasq_tcp_listen_drops")),
+                ])
+                continue
             lat = s["latency_seconds"]
-            ct = entry.get("conntrack", {})
             rate = s["lookups_per_second"]
+            own = None if sc["name"] == "steady" else ratio(
+                rate, _rate(runs.get((entry["path"], "steady"))))
             rows.append([
-                sc["name"], path, f"{rate:,.0f}", fmt_ratio(ratio(rate, base)),
-                fmt_ratio(ratio(rate, ref)), fmt_latency(lat["p50"]), fmt_latency(lat["p99"]),
-                fmt_latency(lat["p99.9"]), fmt_latency(lat["max"]), str(s["at_least_1s"]),
-                str(s["at_least_5s"]),
-                str(s["timeouts"] + sum(s["errors"].values())),
-                " / ".join(fmt_count(ct.get(k)) for k in CT_COUNTERS),
-                _rcvbuf(entry),
-                fmt_count(entry.get("dnsmasq_tcp_listen_drops")),
+                *head, f"{rate:,.0f}", fmt_ratio(ratio(rate, base)),
+                fmt_ratio(ratio(rate, ref)), fmt_ratio(own), fmt_latency(lat["p50"]),
+                fmt_latency(lat["p99"]), fmt_latency(lat["p99.9"]), fmt_latency(lat["max"]),
             ])
     return rows
-
 
 
 def _targets(doc: Doc) -> str:
@@ -206,10 +214,17 @@ def render(doc: Doc) -> str:
         "## Lookups by scenario and path\n",
         "`unanswered`: lookups that timed out (no answer within "
         f"{load.get('timeout_seconds')} s, where glibc would retry: a >= 5 s lookup) or failed. "
-        "`ct` columns are deltas of the node's conntrack counters during the run (`n/a`: not "
-        "maintained by this kernel). RcvbufErrors: datagrams dropped because a DNS server's "
-        "socket buffer was full.\n",
-        markdown_table(MAIN_HEADER, _main_rows(doc), "ll" + "r" * (len(MAIN_HEADER) - 2)),
+        "`of which generator starved`: lookups >= 1 s that took under a second once the time "
+        "their own load-generator process sat runnable but unscheduled is taken out (from its "
+        "schedstat run delay; `longest generator stall` is the worst such wait in the run): "
+        "this shared machine's noise, not the DNS path. The conntrack column holds deltas of "
+        "the node's counters during the run (`n/a`: not maintained by this kernel). "
+        "RcvbufErrors: queries dropped because a DNS server's socket buffer was full; TCP "
+        "listen drops: the cache's upstream connections dnsmasq could not accept.\n",
+        markdown_table(SPEED_HEADER, _rows(doc, tail=False),
+                       "ll" + "r" * (len(SPEED_HEADER) - 2)),
+        "Slow and lost lookups, and the counters that explain them:\n",
+        markdown_table(TAIL_HEADER, _rows(doc, tail=True), "ll" + "r" * (len(TAIL_HEADER) - 2)),
         "## Conntrack entries per lookup\n",
         f"Measured apart, with {doc.get('calibration_lookups', '?')} lookups at low "
         "concurrency from one pod so that random source ports (almost) never repeat: at the "

@@ -12,6 +12,10 @@ hand-made inputs. Conventions, shared with `dnsguard.probe` so both read the sam
   loop in which every lookup starts inside that window, so the few still in flight at its
   end do not stretch the denominator, while one 5 s timeout at the end would if the drain
   counted;
+* a lookup is slow "because of the load generator" when, of its lifetime, less than a second
+  remains once the time its own worker process sat runnable but unscheduled is taken out
+  (`Stall`, measured by the worker). Those are counted apart: on a shared machine they say
+  something about the machine, nothing about the DNS path;
 * ratios are against a baseline measured in the same run, and None (not 0, not inf) when the
   baseline is missing or zero: a ratio nobody could measure must not read as a verdict.
 """
@@ -35,12 +39,14 @@ __all__ = [
     "HIST_EDGES",
     "LoadStats",
     "SlowEvent",
+    "Stall",
     "Target",
     "WorkerOutput",
     "counter_deltas",
     "extrapolate_total",
     "log_histogram",
     "ratio",
+    "starved_within",
     "summarize_load",
 ]
 
@@ -57,6 +63,29 @@ HIST_EDGES: tuple[float, ...] = tuple(10 ** (e / 10) for e in range(-50, 11))
 
 
 @dataclass(frozen=True)
+class Stall:
+    """A gap between two turns of a worker's loop, and how much of it the worker was starved."""
+
+    offset: float  # from the worker's start
+    gap: float
+    waited: float  # run delay (runnable, not running) measured across the gap
+
+    @property
+    def starved_fraction(self) -> float:
+        return min(max(self.waited / self.gap, 0.0), 1.0) if self.gap > 0 else 0.0
+
+
+def starved_within(stalls: Sequence[Stall], start: float, end: float) -> float:
+    """Seconds of ``[start, end]`` the worker spent runnable but not running."""
+    total = 0.0
+    for s in stalls:
+        overlap = min(end, s.offset + s.gap) - max(start, s.offset)
+        if overlap > 0:
+            total += overlap * s.starved_fraction
+    return total
+
+
+@dataclass(frozen=True)
 class SlowEvent:
     """A lookup that took >= 1 s or got no answer (the probe lists the first 200 per pod)."""
 
@@ -65,9 +94,25 @@ class SlowEvent:
     outcome: str  # ok, timeout, refused, ...
     name: str = ""
     pod: str = ""
+    #: seconds of this lookup's lifetime its worker was starved (None: not measured)
+    starved: float | None = None
 
     def to_json(self) -> list[object]:
-        return [round(self.offset, 3), _r(self.latency), self.outcome, self.name, self.pod]
+        return [round(self.offset, 3), _r(self.latency), self.outcome, self.name, self.pod,
+                None if self.starved is None else round(self.starved, 3)]
+
+    def duration(self, timeout: float) -> float | None:
+        """How long the lookup took, a timeout counting as ``timeout``; None for failures."""
+        if self.latency is not None:
+            return self.latency
+        return timeout if self.outcome == "timeout" else None
+
+    def generator_slowed(self, timeout: float, threshold: float = 1.0) -> bool:
+        """At least ``threshold`` long, and below it once the generator's starvation is out."""
+        d = self.duration(timeout)
+        if d is None or d < threshold or self.starved is None:
+            return False
+        return d - self.starved < threshold
 
 
 @dataclass(frozen=True)
@@ -86,11 +131,16 @@ class WorkerOutput:
     cpu_seconds: float
     latencies: Sequence[float]
     slow: tuple[SlowEvent, ...] = ()
+    #: None when the worker could not measure them (no schedstat)
+    stalls: tuple[Stall, ...] | None = None
 
     @classmethod
     def from_json(cls, line: str) -> WorkerOutput:
         d: dict[str, Any] = json.loads(line)
         lat = decode_latencies(str(d["latencies"]))
+        raw = d.get("stalls")
+        stalls = None if raw is None else tuple(Stall(float(o), float(g), float(w))
+                                                for o, g, w in raw)
         if len(lat) != int(d["lookups"]):
             raise ValueError(f"worker {d.get('label')}: {len(lat)} latencies for "
                              f"{d['lookups']} lookups")
@@ -103,7 +153,19 @@ class WorkerOutput:
             slow=tuple(SlowEvent(float(s[0]), None if s[1] is None else float(s[1]), str(s[2]),
                                  str(s[3]) if len(s) > 3 else "", str(d["label"]))
                        for s in d["slow"]),
+            stalls=stalls,
         )
+
+    def classified(self) -> tuple[SlowEvent, ...]:
+        """The slow events with their ``starved`` time filled in (when stalls were measured)."""
+        if self.stalls is None:
+            return self.slow
+        out = []
+        for e in self.slow:
+            d = e.duration(self.timeout)
+            starved = 0.0 if d is None else starved_within(self.stalls, e.offset, e.offset + d)
+            out.append(dataclasses.replace(e, starved=starved))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -123,6 +185,9 @@ class LoadStats:
     at_least_1s: int
     at_least_5s: int
     queries: int
+    #: of ``at_least_1s``: lookups that were slow because their own load generator was starved
+    #: (classified among the listed slow events, at most 200 per pod); None: not measured
+    at_least_1s_generator: int | None
     #: the workers' CPU time per second of the run: cores the load generator itself used
     generator_cores: float
     histogram: tuple[int, ...]
@@ -131,6 +196,14 @@ class LoadStats:
     pods: int = 0
     #: latest start of a worker after the agreed start time (interpreter start-up), seconds
     late: float = 0.0
+    #: longest time any worker sat runnable but unscheduled, and the total over workers
+    generator_stall_max: float | None = None
+    generator_starved_seconds: float | None = None
+
+    @property
+    def at_least_1s_dns(self) -> int:
+        """Lookups >= 1 s that the generator's own starvation does not explain."""
+        return self.at_least_1s - (self.at_least_1s_generator or 0)
 
     @property
     def error_count(self) -> int:
@@ -149,6 +222,9 @@ class LoadStats:
             "latency_seconds": {"p50": _r(self.p50), "p99": _r(self.p99),
                                 "p99.9": _r(self.p999), "max": _r(self.max)},
             "at_least_1s": self.at_least_1s, "at_least_5s": self.at_least_5s,
+            "at_least_1s_generator_starved": self.at_least_1s_generator,
+            "generator_stall_max_seconds": _r(self.generator_stall_max),
+            "generator_starved_seconds": _r(self.generator_starved_seconds),
             "queries": self.queries, "generator_cores": round(self.generator_cores, 3),
             "pods": self.pods, "late_start_seconds": round(self.late, 3),
             "histogram": {"edges_seconds": [_r(e) for e in HIST_EDGES],
@@ -192,8 +268,12 @@ def summarize_load(workers: Sequence[WorkerOutput], duration: float | None = Non
     timeout = min((w.timeout for w in workers), default=math.inf)
     top = ordered[-1] if ordered else math.nan
     t0 = min((w.started for w in workers), default=0.0)
-    slow = sorted((dataclasses.replace(s, offset=s.offset + w.started - t0)
-                   for w in workers for s in w.slow), key=lambda s: s.offset)[:max_slow]
+    classified = [(w, e) for w in workers for e in w.classified()]
+    measured = bool(workers) and all(w.stalls is not None for w in workers)
+    by_generator = sum(1 for w, e in classified if e.generator_slowed(w.timeout))
+    slow = sorted((dataclasses.replace(e, offset=e.offset + w.started - t0)
+                   for w, e in classified), key=lambda s: s.offset)[:max_slow]
+    starved = [s.gap * s.starved_fraction for w in workers for s in (w.stalls or ())]
     cpu = sum(w.cpu_seconds for w in workers)
     wall = max((w.elapsed for w in workers), default=0.0)
     return LoadStats(
@@ -210,6 +290,9 @@ def summarize_load(workers: Sequence[WorkerOutput], duration: float | None = Non
         at_least_1s=sum(1 for v in answered if v >= 1.0) + (timeouts if timeout >= 1.0 else 0),
         at_least_5s=sum(1 for v in answered if v >= 5.0) + (timeouts if timeout >= 5.0 else 0),
         queries=sum(w.queries for w in workers),
+        at_least_1s_generator=by_generator if measured else None,
+        generator_stall_max=max(starved, default=0.0) if measured else None,
+        generator_starved_seconds=sum(starved) if measured else None,
         generator_cores=cpu / wall if wall > 0 else 0.0,
         histogram=tuple(log_histogram(answered)),
         slow=tuple(slow),

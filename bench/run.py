@@ -58,6 +58,10 @@ log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVICES = 16
 TIMEOUT = 5.0
+#: Tries of a pressure scenario that others' activity refused or cut short.
+PRESSURE_ATTEMPTS = 3
+#: Seconds to wait for other namespaces to quiet down before another try.
+QUIET_WAIT = 90.0
 TOOLS = ("ip", "dnsmasq", "dig", "conntrack", "nft", "unbound", "iptables-nft-restore",
          "iptables-legacy-restore")
 
@@ -162,33 +166,54 @@ class Bench:
                  stats.generator_cores)
 
     def scenarios(self) -> None:
-        assert self.limits is not None
         for sc in self.prof.scenarios:
-            if sc.needs_sysctl:
-                assert sc.conntrack_max is not None
-                try:
-                    set_to = self.limits.set(sc.conntrack_max,
-                                             sc.bucket_count(read_limits().buckets))
-                except (SysctlRefused, OSError) as exc:
-                    for path in sc.paths:
-                        self._record(path, sc, status="skipped", reason=str(exc))
-                    log.warning("%s skipped: %s", sc.name, exc)
-                    continue
-                log.info("%s: nf_conntrack_max %d, buckets %d", sc.name, set_to.max,
-                         set_to.buckets)
+            entries = self._pressure(sc) if sc.needs_sysctl else self._paths(sc)
+            self.doc["runs"].extend(entries)
+
+    def _paths(self, sc: Scenario) -> list[dict[str, Any]]:
+        """One scenario on each of its paths, in order; failures recorded, not raised."""
+        entries = []
+        for path in sc.paths:
+            if path not in self.nodes:
+                continue
             try:
-                for path in sc.paths:
-                    if path not in self.nodes:
-                        continue
-                    try:
-                        self._run(self.nodes[path], sc)
-                    except (LabError, OSError, ValueError) as exc:
-                        log.error("%s on %s failed: %s", sc.name, path, exc)
-                        self._record(path, sc, status="failed", reason=str(exc))
-                        self._recover(self.nodes[path])
+                entries.append(self._run(self.nodes[path], sc))
+            except (LabError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                log.error("%s on %s failed: %s", sc.name, path, exc)
+                entries.append(_entry(path, sc, status="failed", reason=str(exc)))
+                self._recover(self.nodes[path])
+        return entries
+
+    def _pressure(self, sc: Scenario) -> list[dict[str, Any]]:
+        """A scenario under lowered global limits, retried while other people are busy.
+
+        The guard refuses (or, mid-run, undoes) the lowering when other namespaces hold
+        entries; then the attempt is dropped, the benchmark waits for them to quiet down and
+        tries again, up to `PRESSURE_ATTEMPTS` times. What is finally recorded says why.
+        """
+        assert self.limits is not None and sc.conntrack_max is not None
+        reason = ""
+        for attempt in range(1, PRESSURE_ATTEMPTS + 1):
+            buckets = sc.bucket_count(read_limits().buckets)
+            if attempt > 1 and not self.limits.wait_quiet(sc.conntrack_max, buckets,
+                                                          QUIET_WAIT):
+                continue
+            try:
+                set_to = self.limits.set(sc.conntrack_max, buckets)
+            except (SysctlRefused, OSError) as exc:
+                reason = str(exc)
+                log.warning("%s refused (attempt %d): %s", sc.name, attempt, exc)
+                continue
+            log.info("%s: nf_conntrack_max %d, buckets %d", sc.name, set_to.max, set_to.buckets)
+            try:
+                entries = self._paths(sc)
             finally:
-                if sc.needs_sysctl:
-                    self.limits.restore()
+                self.limits.restore()
+            if self.limits.aborted is None:
+                return entries
+            reason = self.limits.aborted
+            log.warning("%s void (attempt %d): %s", sc.name, attempt, reason)
+        return [_entry(p, sc, status="skipped", reason=reason) for p in sc.paths]
 
     def _recover(self, node: PathNode) -> None:
         """After a failed run, put a node-local node back into service for the next ones."""
@@ -200,7 +225,7 @@ class Bench:
             else:
                 node.wait_intercepting(30)
 
-    def _run(self, node: PathNode, sc: Scenario) -> None:
+    def _run(self, node: PathNode, sc: Scenario) -> dict[str, Any]:
         log.info("%s on %s", sc.name, node.spec.name)
         # Every node's, not only this one's: the hash table is global, so entries left by the
         # previous path's run would lengthen the chains this run inserts into.
@@ -228,7 +253,7 @@ class Bench:
         status, reason = "ok", ""
         if sc.needs_sysctl and self.limits is not None and self.limits.aborted:
             status, reason = "void", self.limits.aborted
-        self._record(
+        entry = _entry(
             node.spec.name, sc, status=status, reason=reason, stats=stats.to_json(),
             conntrack=counter_deltas(before.conntrack, after.conntrack, CT_COUNTERS),
             conntrack_entries_end=after.entries,
@@ -242,6 +267,7 @@ class Bench:
         log.info("  %.0f lookups/s, p99 %s, >=1s %d, unanswered %d, ct %s", s.rate,
                  report.fmt_latency(s.p99), s.at_least_1s, s.failed,
                  counter_deltas(before.conntrack, after.conntrack, CT_COUNTERS))
+        return entry
 
     def _event(self, node: PathNode, sc: Scenario,
                info: dict[str, object]) -> Callable[[], None] | None:
@@ -265,14 +291,6 @@ class Bench:
                 info["intercepting_again_wall"] = time.time()
             return restart
         return None
-
-    def _record(self, path: str, sc: Scenario, *, status: str, reason: str = "",
-                **fields: Any) -> None:
-        entry: dict[str, Any] = {"path": path, "scenario": sc.name, "status": status}
-        if reason:
-            entry["reason"] = reason
-        entry.update({k: v for k, v in fields.items() if v is not None})
-        self.doc["runs"].append(entry)
 
     def footprint(self) -> None:
         out: dict[str, Any] = {}
@@ -328,6 +346,16 @@ class Bench:
         log.info("IPVS mode in the qemu VM (a few minutes)")
         self.doc["ipvs"] = run_in_vm(self.prof.vm_lookups, self.prof.vm_concurrency,
                                      self.args.iptables)
+
+
+def _entry(path: str, sc: Scenario, *, status: str, reason: str = "",
+           **fields: Any) -> dict[str, Any]:
+    """One run's record in the results document (fields that are None are left out)."""
+    entry: dict[str, Any] = {"path": path, "scenario": sc.name, "status": status}
+    if reason:
+        entry["reason"] = reason
+    entry.update({k: v for k, v in fields.items() if v is not None})
+    return entry
 
 
 def _flush_command(node: PathNode) -> list[str]:

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,20 @@ class ConntrackLimits:
                                              name="bench-sysctl-monitor")
             self._monitor.start()
         return self.current
+
+    def wait_quiet(self, new_max: int, buckets: int | None, timeout: float,
+                   every: float = 2.0) -> bool:
+        """Wait up to ``timeout`` seconds until `set` would be allowed; True if it would."""
+        deadline = time.monotonic() + timeout
+        original = self.original or read_limits()
+        fewer = buckets is not None and buckets < original.buckets
+        while True:
+            foreign = sum(foreign_entries(self.ours()).values())
+            if refusal(new_max, foreign, margin_for(new_max), fewer) is None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(every)
 
     def restore(self) -> None:
         """Put the original values back (no-op if nothing was changed)."""

@@ -10,6 +10,15 @@ Why not ``dnsguard probe --json``: its report keeps percentiles, not the samples
 its tally are private to `dnsguard.probe`; this module is the one place that reaches into them
 (see `_probe_latencies`), so a public hook there would remove exactly one function here.
 
+A shared 2-core machine sometimes does not run a worker for a second or more although it is
+runnable (measured: up to 3.5 s while another session's qemu ran). Every in-flight lookup of
+that pod then *looks* slow, though its answer sat in the socket. `StallClock` -- the clock the
+probe loop reads on every turn -- notices each gap of more than `STALL_GAP` seconds between
+turns and reads this thread's run delay (``/proc/thread-self/schedstat``: time spent runnable
+but not running) across it. A gap the process spent waiting in ``epoll_wait`` (no answer came)
+has no run delay; a gap it spent starved does. The stalls go out with the results so the host
+can tell the DNS path's slow lookups from the generator's (`bench.results`).
+
 Workers of one run start together: the host passes a wall-clock ``--start-at`` (pods share the
 host's clock) so interpreter start-up, which differs between pods, never staggers the load.
 Bounds: no lookup starts after ``--duration`` or beyond ``--count``; each lookup gets at most
@@ -26,8 +35,9 @@ import resource
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from dnsguard.node.procnet import parse_resolv_conf
 from dnsguard.probe import (
@@ -58,14 +68,73 @@ def decode_latencies(text: str) -> array[float]:
     return arr
 
 
-def _probe_latencies(cfg: ProbeConfig, t0: float) -> tuple[array[float], dict[str, int],
-                                                          int, list[SlowLookup]]:
+#: A turn of the probe loop later than this after the previous one is examined as a stall.
+STALL_GAP = 0.2
+#: How often the run delay is read while turns come quickly (a cheap read, 20 times a second).
+RUN_DELAY_EVERY = 0.05
+SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+class StallClock:
+    """``time.monotonic`` for the probe loop that also records when this thread was starved.
+
+    ``stalls`` holds ``(offset from t0, gap seconds, run delay seconds during the gap)``. The run
+    delay is read at most every `RUN_DELAY_EVERY` while the loop turns, and again after a gap,
+    so its growth across the gap is this thread's waiting for a CPU within a few tens of ms.
+    """
+
+    def __init__(self, schedstat: str = SCHEDSTAT,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.monotonic = monotonic
+        self.t0 = monotonic()
+        self.stalls: list[tuple[float, float, float]] = []
+        try:
+            self._file: IO[str] | None = open(schedstat)  # noqa: SIM115 - read for the run
+        except OSError:
+            self._file = None  # no schedstat in this kernel: no stall accounting
+        self._last = self.t0
+        self._delay = self._run_delay()
+        self._delay_at = self.t0
+
+    def _run_delay(self) -> float:
+        if self._file is None:
+            return 0.0
+        self._file.seek(0)
+        return int(self._file.read().split()[1]) / 1e9
+
+    def start(self, t0: float) -> None:
+        self.t0 = self._last = self._delay_at = t0
+        self._delay = self._run_delay()
+
+    def __call__(self) -> float:
+        now = self.monotonic()
+        if now - self._last > STALL_GAP:
+            delay = self._run_delay()
+            self.stalls.append((self._last - self.t0, now - self._last, delay - self._delay))
+            self._delay, self._delay_at = delay, now
+        elif now - self._delay_at > RUN_DELAY_EVERY:
+            self._delay, self._delay_at = self._run_delay(), now
+        self._last = now
+        return now
+
+    @property
+    def available(self) -> bool:
+        return self._file is not None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _probe_latencies(cfg: ProbeConfig, t0: float,
+                     clock: Callable[[], float] = time.monotonic,
+                     ) -> tuple[array[float], dict[str, int], int, list[SlowLookup]]:
     """Run the probe's loop and return its raw tally: latencies, outcomes, queries, slow events.
 
     Uses `dnsguard.probe`'s private loop (`_WireProbe`) because the public `run_probe` keeps
     only percentiles. If the probe grows a public way to keep samples, replace this function.
     """
-    probe = _WireProbe(cfg, time.monotonic, None, 1.0, None)
+    probe = _WireProbe(cfg, clock, None, 1.0, None)
     probe.loop(t0)
     tally = probe.tally
     return tally.latencies, dict(tally.outcomes), tally.queries, list(tally.slow_events)
@@ -98,8 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     late = -wait if wait < 0 else 0.0
     time.sleep(min(max(wait, 0.0), MAX_START_WAIT))
     started = time.time()
+    clock = StallClock()
     t0 = time.monotonic()
-    latencies, outcomes, queries, slow = _probe_latencies(cfg, t0)
+    clock.start(t0)
+    try:
+        latencies, outcomes, queries, slow = _probe_latencies(cfg, t0, clock)
+    finally:
+        clock.close()
     elapsed = time.monotonic() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     doc = {
@@ -114,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outcomes": outcomes,
         "cpu_seconds": ru.ru_utime + ru.ru_stime,
         "slow": [[s.offset, s.latency, s.outcome, s.name] for s in slow],
+        "stalls": [[round(o, 4), round(g, 4), round(d, 4)] for o, g, d in clock.stalls]
+        if clock.available else None,
         "latencies": encode_latencies(latencies),
     }
     sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")

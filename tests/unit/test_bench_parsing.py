@@ -11,6 +11,7 @@ from bench.footprint import ProcSample, usage_between
 from bench.node import count_by_source, parse_log_times
 from bench.rulesync import RULE_NET, synthetic_plan
 from bench.spec import NODELOCAL_PATHS, profile
+from bench.worker import StallClock
 
 CONNTRACK_L = """\
 udp      17 28 src=198.18.0.11 dst=198.18.1.10 sport=40001 dport=53 src=198.18.0.101 dst=198.18.0.11 sport=53 dport=40001 mark=0 use=1
@@ -78,3 +79,28 @@ def test_quarter_buckets_follow_kube_proxys_ratio_and_default_keeps_the_machines
     assert by["pressure-4k-quarter"].bucket_count(262144) == 1024
     assert by["pressure-4k-default"].bucket_count(262144) == 262144
     assert by["steady"].bucket_count(262144) is None
+
+
+def test_stall_clock_records_gaps_with_the_run_delay_across_them(tmp_path):
+    stat = tmp_path / "schedstat"
+    now = [100.0]
+    stat.write_text("5000000 0 10\n")
+    clock = StallClock(str(stat), monotonic=lambda: now[0])
+    clock.start(100.0)
+    for step in (0.01, 0.01, 0.06):  # quick turns; the last one re-reads the run delay
+        now[0] += step
+        clock()
+    stat.write_text("5000000 900000000 11\n")  # 0.9 s runnable-but-waiting since then
+    now[0] += 1.0  # a 1 s gap between two turns
+    assert clock() == now[0]
+    now[0] += 0.3  # a gap spent sleeping in epoll: no new run delay
+    clock()
+    clock.close()
+    assert clock.stalls == [(pytest.approx(0.08), pytest.approx(1.0), pytest.approx(0.9)),
+                            (pytest.approx(1.08), pytest.approx(0.3), 0.0)]
+
+
+def test_stall_clock_without_schedstat_still_tells_time(tmp_path):
+    clock = StallClock(str(tmp_path / "missing"))
+    assert not clock.available
+    assert clock() > 0

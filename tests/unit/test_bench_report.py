@@ -151,11 +151,14 @@ def test_render_puts_ratios_against_the_same_run_and_shows_skipped_runs():
     d = doc()
     d["targets"] = [t.to_json() for t in evaluate(d)]
     text = render(d)
-    row = next(ln for ln in text.splitlines() if ln.startswith("| steady | nodelocal-iptables"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:5] == ["9,000", "1.80x", "0.90x"]  # rate, x iptables, x reference
-    assert "0 / 5 / 0 / 0 / n/a" in row  # chaintoolong absent: not maintained, not zero
-    skipped = next(ln for ln in text.splitlines() if "| burst |" in ln)
+    speed, tail = [ln for ln in text.splitlines() if ln.startswith("| steady | nodelocal-ipt")]
+    cells = [c.strip() for c in speed.strip("|").split("|")]
+    assert cells[2:6] == ["9,000", "1.80x", "0.90x", "-"]  # rate, x iptables, x ref, x steady
+    assert "0 / 5 / 0 / 0 / n/a" in tail  # chaintoolong absent: not maintained, not zero
+    pressure = next(ln for ln in text.splitlines()
+                    if ln.startswith("| pressure-4k-quarter | iptables"))
+    assert "| 0.01x |" in pressure  # 50/s under pressure against its own 5000/s steady
+    skipped = next(ln for ln in text.splitlines() if ln.startswith("| burst |"))
     assert "skipped" in skipped and "needs --allow-sysctl" in skipped
     assert "| rule sync >= 50x faster" in text and "**not met**" in text
     assert "extrapolated from 500 rules timed in 10 s" in text

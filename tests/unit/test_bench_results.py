@@ -11,11 +11,13 @@ import pytest
 from bench.results import (
     HIST_EDGES,
     SlowEvent,
+    Stall,
     WorkerOutput,
     counter_deltas,
     extrapolate_total,
     log_histogram,
     ratio,
+    starved_within,
     summarize_load,
 )
 from bench.worker import decode_latencies, encode_latencies
@@ -177,3 +179,41 @@ def test_extrapolation_uses_measured_values_when_complete():
     assert extrapolate_total([0.5], 10) == 5.0
     with pytest.raises(ValueError):
         extrapolate_total([], 10)
+
+
+# ------------------------------------------------------------------ generator starvation
+
+
+def test_starved_time_counts_only_the_runnable_part_of_overlapping_gaps():
+    stalls = [Stall(1.0, 1.0, 1.0), Stall(5.0, 2.0, 0.0), Stall(8.0, 1.0, 0.5)]
+    assert starved_within(stalls, 0.0, 10.0) == pytest.approx(1.0 + 0.0 + 0.5)
+    assert starved_within(stalls, 1.5, 1.8) == pytest.approx(0.3)
+    assert starved_within(stalls, 2.0, 5.0) == 0.0
+
+
+def test_a_lookup_slow_only_because_its_worker_was_starved_is_counted_apart():
+    # pod0 starved 1.2 s from t=2.0; a lookup started at 1.9 answered after 1.4 s: DNS took
+    # 0.2 s. A lookup started at 6 took 1.5 s with the worker running: the DNS path's.
+    w = worker([0.001, 1.4, 1.5], started=0.0,
+               slow=[SlowEvent(1.9, 1.4, "ok"), SlowEvent(6.0, 1.5, "ok")])
+    w = WorkerOutput(**{**w.__dict__, "stalls": (Stall(2.0, 1.2, 1.2),)})
+    s = summarize_load([w])
+    assert s.at_least_1s == 2
+    assert s.at_least_1s_generator == 1
+    assert s.at_least_1s_dns == 1
+    assert s.generator_stall_max == pytest.approx(1.2)
+    assert [e.starved for e in s.slow] == [pytest.approx(1.2), 0.0]
+
+
+def test_waiting_in_poll_for_a_lost_answer_is_not_starvation():
+    # the worker slept 5 s in epoll (no run delay): a real timeout of the DNS path
+    w = worker([INF], outcomes={"timeout": 1}, slow=[SlowEvent(1.0, None, "timeout")])
+    w = WorkerOutput(**{**w.__dict__, "stalls": (Stall(1.0, 5.0, 0.01),)})
+    s = summarize_load([w])
+    assert s.at_least_1s == 1 and s.at_least_1s_generator == 0
+
+
+def test_without_schedstat_starvation_is_unknown_not_zero():
+    s = summarize_load([worker([1.5], slow=[SlowEvent(0.0, 1.5, "ok")])])
+    assert s.at_least_1s_generator is None and s.generator_stall_max is None
+    assert s.at_least_1s_dns == 1

@@ -115,3 +115,19 @@ def test_watchdog_never_undoes_somebody_elses_change(fake_proc, monkeypatch):
     sysctl._write(Limits(100000, 65536))  # changed by someone else after we set ours
     run_watchdog(monkeypatch, "set 4096 1024\n")
     assert sysctl.read_limits() == Limits(100000, 65536)
+
+
+def test_waiting_for_quiet_polls_until_the_lowering_would_be_allowed(fake_proc, monkeypatch):
+    counts = iter([5000, 3000, 10])
+    monkeypatch.setattr(sysctl, "foreign_entries", lambda ours: {1: next(counts)})
+    monkeypatch.setattr(sysctl.time, "sleep", lambda s: None)
+    limits = ConntrackLimits(True, list)
+    assert limits.wait_quiet(4096, 1024, timeout=60) is True  # 5000, 3000: no; 10: yes
+
+
+def test_waiting_for_quiet_gives_up_after_the_timeout(fake_proc, monkeypatch):
+    monkeypatch.setattr(sysctl, "foreign_entries", foreign(5000))
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(sysctl.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(sysctl.time, "sleep", lambda s: None)
+    assert ConntrackLimits(True, list).wait_quiet(4096, None, timeout=30) is False
