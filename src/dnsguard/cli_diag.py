@@ -22,6 +22,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO, cast
 
@@ -37,6 +38,8 @@ from dnsguard.diagnose import (
 )
 from dnsguard.diagnose.sampler import Sampler, SamplerConfig
 from dnsguard.dnswire import DnsWireError, QType, encode_name
+from dnsguard.facts import load_cluster, uses_api
+from dnsguard.kube import KubeError
 from dnsguard.model import IPAddress
 from dnsguard.netfilter.runner import Runner, SubprocessRunner
 from dnsguard.node.procnet import read_resolv_conf
@@ -263,7 +266,25 @@ def sampler_config(args: argparse.Namespace, settings: Settings) -> SamplerConfi
     )
 
 
+def _with_api_facts(settings: Settings) -> Settings:
+    """The DNS ClusterIPs from the Kubernetes API when no --dns-ip was given.
+
+    Doctor must work on a sick node: if the API cannot be read, it says so and falls back to
+    discovering the ClusterIPs from kube-proxy's rules.
+    """
+    if settings.dns_ips or not uses_api(settings):
+        return settings
+    try:
+        cluster = load_cluster(settings)
+    except KubeError as exc:
+        print(f"dnsguard doctor: Kubernetes API unreadable ({exc}); discovering from the node",
+              file=sys.stderr)
+        return settings
+    return replace(settings, dns_ips=cluster.dns_ips) if cluster is not None else settings
+
+
 def cmd_doctor(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    settings = _with_api_facts(settings)
     cfg = sampler_config(args, settings)
     try:
         encode_name(cfg.probe_name)

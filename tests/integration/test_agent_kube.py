@@ -166,3 +166,13 @@ def test_one_shot_commands_read_the_api_and_fail_clearly_without_it(
     res = dnsguard(lab, "plan", *args, timeout=60)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("dnsguard: error:")
+
+
+def test_doctor_takes_the_cluster_ip_from_the_api(lab: Lab, api, tmp_path: Path) -> None:
+    call, kubeconfig = api
+    # an address kube-proxy's rules do not know: only the API can have told doctor
+    call("put_service", "kube-system", "kube-dns", ["198.18.1.99"])
+    res = dnsguard(lab, "doctor", "--kubeconfig", str(kubeconfig), "--window", "0.5",
+                   "--no-probe", "--json", timeout=120)
+    assert res.returncode in (0, 3, 4), res.stderr
+    assert json.loads(res.stdout)["dns_ips"] == ["198.18.1.99"]
