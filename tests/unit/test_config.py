@@ -51,3 +51,17 @@ def test_bad_values_give_one_line_naming_the_value(argv, env, needle) -> None:
         parse(argv, env)
     assert needle in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_ipv6_dns_ip_on_a_node_without_ipv6_is_a_config_error(tmp_path) -> None:
+    from dnsguard.facts import observe
+    from dnsguard.testing.fakes import FakeRunner
+
+    (tmp_path / "net").mkdir()  # a /proc without net/if_inet6: IPv6 disabled
+    s = parse(["--proxy-mode", "ipvs", "--backend", "iptables-nft",
+               "--dns-ip", "fd00:198:18:1::a"])
+    with pytest.raises(ConfigError) as exc:
+        observe(s, FakeRunner(), tmp_path)
+    assert str(exc.value).startswith("invalid --dns-ip fd00:198:18:1::a: IPv6 is disabled")
+    (tmp_path / "net/if_inet6").write_text("")
+    assert observe(s, FakeRunner(), tmp_path).facts.dns_ips == s.dns_ips
