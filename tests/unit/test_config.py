@@ -8,7 +8,9 @@ import pytest
 
 from dnsguard.cli import build_parser
 from dnsguard.config import ConfigError, settings_from
+from dnsguard.facts import observe
 from dnsguard.model import Backend, ProxyMode
+from dnsguard.testing.fakes import FakeRunner
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None):
@@ -54,9 +56,6 @@ def test_bad_values_give_one_line_naming_the_value(argv, env, needle) -> None:
 
 
 def test_ipv6_dns_ip_on_a_node_without_ipv6_is_a_config_error(tmp_path) -> None:
-    from dnsguard.facts import observe
-    from dnsguard.testing.fakes import FakeRunner
-
     (tmp_path / "net").mkdir()  # a /proc without net/if_inet6: IPv6 disabled
     s = parse(["--proxy-mode", "ipvs", "--backend", "iptables-nft",
                "--dns-ip", "fd00:198:18:1::a"])
