@@ -29,7 +29,7 @@ from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cl
 from dnsguard.kube import KubeApiError, KubeError, KubeSource
 from dnsguard.logs import setup_logging
 from dnsguard.metrics import Metrics, Probe, serve
-from dnsguard.model import Backend, Family
+from dnsguard.model import Backend, Family, ProxyMode
 from dnsguard.netfilter import Netfilter, NetfilterError, SubprocessRunner, cleanup, inventory
 from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
 from dnsguard.netfilter.nft import NftBackend
@@ -45,6 +45,10 @@ __all__ = ["main"]
 log = logging.getLogger("dnsguard")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+_IPVS_KUBELET_NOTE = (
+    "ipvs mode: the ClusterIP stays on kube-ipvs0, so the cache serves only {}; point "
+    "kubelet's clusterDNS (--cluster-dns / KubeletConfiguration clusterDNS) at it, and pods "
+    "fall back to the ClusterIP through dnsguard's DNAT while the cache is down")
 #: how long `run` waits for the API's first facts before giving up
 FIRST_FACTS_TIMEOUT = 60.0
 
@@ -190,6 +194,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
     if settings.probe_interval > 0:
         _self_probe(agent, metrics, settings, stop)
     log.info("agent started: %d rules, sync every %gs", p.rule_count, settings.sync_interval)
+    if p.cache is not None and obs.facts.proxy_mode is ProxyMode.IPVS:
+        log.info(_IPVS_KUBELET_NOTE.format(", ".join(str(ip) for ip in p.cache.listen)))
     try:
         agent.run(stop)
         agent.shutdown(settings.drain_seconds, settings.skip_teardown,
@@ -327,6 +333,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
         turn = HEALTH_INTERVAL if p.cache is not None else settings.sync_interval
         agent = read_status(settings.state_dir, max_age=3 * turn + 2)
         doc["agent"] = agent["agent"]
+        if p.cache is not None and obs.facts.proxy_mode is ProxyMode.IPVS:
+            doc["kubelet"] = _IPVS_KUBELET_NOTE.format(
+                ", ".join(str(ip) for ip in p.cache.listen))
         if p.cache is not None:
             cache = dict(agent.get("cache") or {})
             if agent["agent"] != "running" or not cache:
