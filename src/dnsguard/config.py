@@ -37,6 +37,8 @@ class Settings:
     sync_interval: float = 10.0
     log_format: LogFormat = "text"
     skip_teardown: bool = False
+    #: drop TCP packets conntrack finds INVALID in filter INPUT (dnsguard's own chain)
+    drop_invalid_input: bool = False
     # node-local cache (--mitigation nodelocal)
     local_ips: tuple[IPAddress, ...] = (ipaddress.ip_address("169.254.20.10"),)
     upstreams: tuple[tuple[IPAddress, int], ...] = ()
@@ -63,7 +65,8 @@ def env_name(flag: str) -> str:
 def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that needs the node's facts and settings."""
     parser.add_argument("--proxy-mode", metavar="auto|iptables|ipvs|nftables")
-    parser.add_argument("--mitigation", metavar="notrack|nodelocal")
+    parser.add_argument("--mitigation", metavar="notrack|nodelocal|none",
+                        help="DNS mitigation; none: only the other features below own rules")
     parser.add_argument("--dns-ip", action="append", metavar="IP",
                         help="cluster DNS Service ClusterIP (repeatable, IPv4 and/or IPv6)")
     parser.add_argument("--pod-cidr", action="append", metavar="CIDR",
@@ -73,6 +76,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", metavar="text|json")
     parser.add_argument("--skip-teardown", action="store_true", default=None,
                         help="leave the rules in place when the agent stops")
+    parser.add_argument("--drop-invalid-input", action="store_true", default=None,
+                        help="drop TCP packets to the node that conntrack marks INVALID (out "
+                             "of window) instead of letting the host answer them with a RST")
     kube = parser.add_argument_group("Kubernetes API (facts the flags do not give)")
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="default: in-cluster config when in a pod, else no API")
@@ -204,6 +210,15 @@ def _seconds(flag: str, raw: str, minimum: float) -> float:
     return value
 
 
+def _bool(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> bool | None:
+    """A ``store_true`` flag, or its variable as 1/0, true/false, yes/no; None when unset."""
+    raw = _raw(ns, env, flag)
+    if isinstance(raw, str):
+        return _choice(env_name(flag), raw.lower(),
+                       ["1", "0", "true", "false", "yes", "no"]) in ("1", "true", "yes")
+    return None if raw is None else bool(raw)
+
+
 T = TypeVar("T")
 
 
@@ -259,12 +274,8 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:
         kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
-    skip = _raw(ns, env, "--skip-teardown")
-    if isinstance(skip, str):
-        kwargs["skip_teardown"] = _choice(
-            "DNSGUARD_SKIP_TEARDOWN", skip.lower(), ["1", "0", "true", "false", "yes", "no"]
-        ) in ("1", "true", "yes")
-    elif skip is not None:
-        kwargs["skip_teardown"] = bool(skip)
+    for flag in ("--skip-teardown", "--drop-invalid-input"):
+        if (value := _bool(ns, env, flag)) is not None:
+            kwargs[flag.lstrip("-").replace("-", "_")] = value
 
     return Settings(**{**s.__dict__, **kwargs})

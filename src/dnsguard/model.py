@@ -80,6 +80,8 @@ class Backend(enum.Enum):
 class Mitigation(enum.Enum):
     NOTRACK = "notrack"
     NODELOCAL = "nodelocal"
+    #: no DNS mitigation: only the other features (``--drop-invalid-input``) own rules
+    NONE = "none"
 
 
 class Table(enum.Enum):
@@ -103,6 +105,12 @@ class Proto(enum.Enum):
     TCP = "tcp"
 
 
+class CtState(enum.Enum):
+    """A conntrack state a rule can match (``-m conntrack --ctstate`` / ``ct state``)."""
+
+    INVALID = "invalid"
+
+
 class Verdict(enum.Enum):
     NOTRACK = "notrack"
     ACCEPT = "accept"
@@ -122,6 +130,8 @@ class Match:
     dport: int | None = None
     #: match only while the destination address is in the dead man's switch
     alive: bool = False
+    #: match only packets in this conntrack state
+    ctstate: CtState | None = None
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,21 @@ the DNS ClusterIP makes it go nowhere (the bug that made kakao's network-node-ma
 feature). IPVS keeps its own connection table and balances untracked packets, so in ipvs mode the
 requests to the ClusterIP and the DNS pods' replies can both skip conntrack; both directions are
 needed, or the backends' replies still create one entry per query.
+
+Features other than the DNS mitigation (``--drop-invalid-input``) are folded into the same
+per-family rulesets afterwards, so every table and family still gets one restore; with
+``--mitigation none`` they are all dnsguard owns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import ip_network
 
 from dnsguard.config import Settings
 from dnsguard.model import (
     Chain,
+    CtState,
     Family,
     Hook,
     IPAddress,
@@ -66,8 +71,47 @@ class Plan:
 def plan(facts: NodeFacts, settings: Settings) -> Plan:
     """Compute the rules for ``settings.mitigation`` on a node described by ``facts``."""
     if settings.mitigation is Mitigation.NOTRACK:
-        return _plan_notrack(facts)
-    return _plan_nodelocal(facts, settings)
+        p = _plan_notrack(facts)
+    elif settings.mitigation is Mitigation.NODELOCAL:
+        p = _plan_nodelocal(facts, settings)
+    elif not settings.drop_invalid_input:
+        raise PlanRefused("--mitigation none with no other feature enabled leaves dnsguard "
+                          "nothing to do: add --drop-invalid-input or pick a mitigation")
+    else:
+        p = Plan(())
+    if settings.drop_invalid_input:
+        p = _with_drop_invalid(p, facts.families)
+    return p
+
+
+def _with_drop_invalid(p: Plan, families: frozenset[Family]) -> Plan:
+    """Append the INVALID drop to ``DNSGUARD-INPUT`` in every family the node has.
+
+    Last in the chain: the node-local cache's accepts come first. TCP only, by design: the fix
+    is for out-of-window segments that conntrack marks INVALID and the host would answer with a
+    RST, resetting a healthy connection. ICMP errors matching no tracked flow are INVALID too,
+    among them the Packet Too Big / Fragmentation Needed for flows dnsguard itself untracks
+    (NOTRACKed DNS over TCP): dropping those would black-hole path MTU discovery. Untracked
+    packets are in state UNTRACKED, not INVALID, so no NOTRACK rule is undone by this one.
+    """
+    drop = Rule(Match(proto=Proto.TCP, ctstate=CtState.INVALID), Verdict.DROP,
+                "dnsguard: drop TCP that conntrack finds INVALID (out of window) instead of "
+                "answering it with a RST")
+    rulesets = []
+    for family in (Family.V4, Family.V6):
+        rs = p.for_family(family)
+        if family in families:
+            chains = list(rs.chains)
+            for i, chain in enumerate(chains):
+                if chain.table is Table.FILTER and chain.hook is Hook.INPUT:
+                    chains[i] = replace(chain, rules=(*chain.rules, drop))
+                    break
+            else:
+                chains.append(Chain(Table.FILTER, Hook.INPUT, (drop,)))
+            rs = Ruleset(family, tuple(chains))
+        if rs.chains:
+            rulesets.append(rs)
+    return replace(p, rulesets=tuple(rulesets))
 
 
 def _plan_notrack(facts: NodeFacts) -> Plan:

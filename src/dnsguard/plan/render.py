@@ -73,6 +73,8 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
             tokens += ["--sport", str(m.sport)]
         if m.dport is not None:
             tokens += ["--dport", str(m.dport)]
+    if m.ctstate is not None:
+        tokens += ["-m", "conntrack", "--ctstate", m.ctstate.value.upper()]
     if m.alive:
         tokens += ["-m", "recent", "--rcheck", "--seconds", str(ALIVE_SECONDS),
                    "--name", family.alive_name, "--mask", family.host_mask, "--rdest"]
@@ -121,6 +123,9 @@ def nft_chain_name(chain: Chain) -> str:
 
 def _nft_match(family: Family, m: Match) -> list[str]:
     parts: list[str] = []
+    if m.src is None and m.dst is None and not m.alive:
+        # nothing names an address: say the family, or the inet table matches both with it
+        parts += ["meta", "nfproto", f"ipv{family.value}"]
     if m.src is not None:
         parts += [family.nft_addr, "saddr", _nft_addr(m.src)]
     if m.dst is not None:
@@ -135,6 +140,8 @@ def _nft_match(family: Family, m: Match) -> list[str]:
                 parts += [m.proto.value, "sport", str(m.sport)]
             if m.dport is not None:
                 parts += [m.proto.value, "dport", str(m.dport)]
+    if m.ctstate is not None:
+        parts += ["ct", "state", m.ctstate.value]
     return parts
 
 
