@@ -39,6 +39,8 @@ class Settings:
     skip_teardown: bool = False
     #: drop TCP packets conntrack finds INVALID in filter INPUT (dnsguard's own chain)
     drop_invalid_input: bool = False
+    #: DNAT pods' and the node's traffic to Services' external/LB IPs to their ClusterIPs
+    external_to_cluster: bool = False
     # node-local cache (--mitigation nodelocal)
     local_ips: tuple[IPAddress, ...] = (ipaddress.ip_address("169.254.20.10"),)
     upstreams: tuple[tuple[IPAddress, int], ...] = ()
@@ -79,6 +81,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-invalid-input", action="store_true", default=None,
                         help="drop TCP packets to the node that conntrack marks INVALID (out "
                              "of window) instead of letting the host answer them with a RST")
+    parser.add_argument("--external-to-cluster", action="store_true", default=None,
+                        help="(ipvs mode) pods' and the node's traffic to a Service's external "
+                             "or load-balancer IPs goes to its ClusterIP (needs the API)")
     kube = parser.add_argument_group("Kubernetes API (facts the flags do not give)")
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="default: in-cluster config when in a pod, else no API")
@@ -274,7 +279,7 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:
         kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
-    for flag in ("--skip-teardown", "--drop-invalid-input"):
+    for flag in ("--skip-teardown", "--drop-invalid-input", "--external-to-cluster"):
         if (value := _bool(ns, env, flag)) is not None:
             kwargs[flag.lstrip("-").replace("-", "_")] = value
 

@@ -34,6 +34,9 @@ class Observed:
 def observe(settings: Settings, runner: Runner, proc_root: Path = Path("/proc"), *,
             node_nameservers: tuple[IPAddress, ...] = ()) -> Observed:
     notes: list[str] = []
+    if settings.external_to_cluster and not uses_api(settings):
+        raise ConfigError("--external-to-cluster needs the Kubernetes API for the Services: "
+                          "pass --kubeconfig, or run in a pod")
     families = node_families(proc_root)
     for ip in settings.dns_ips:
         if Family.of(ip) not in families:
@@ -81,7 +84,8 @@ def uses_api(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
 
 def _kube_args(settings: Settings) -> dict[str, object]:
     return {"kubeconfig": str(settings.kubeconfig) if settings.kubeconfig else None,
-            "dns_services": settings.dns_services, "node_name": settings.node_name}
+            "dns_services": settings.dns_services, "node_name": settings.node_name,
+            "external": settings.external_to_cluster}
 
 
 def load_cluster(settings: Settings) -> ClusterFacts | None:
@@ -113,5 +117,6 @@ def with_cluster(settings: Settings, obs: Observed,
                                               if Family.of(e[0]) in fams),
     )
     facts = replace(obs.facts, dns_ips=eff.dns_ips, pod_cidrs=eff.pod_cidrs,
-                    dns_endpoints=tuple(ip for ip, _ in cluster.dns_endpoints))
+                    dns_endpoints=tuple(ip for ip, _ in cluster.dns_endpoints),
+                    external_services=cluster.external_services)
     return eff, facts

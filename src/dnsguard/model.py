@@ -117,6 +117,10 @@ class Verdict(enum.Enum):
     DROP = "drop"
     RETURN = "return"
     DNAT = "dnat"
+    #: go on in another dnsguard chain (`Rule.jump`)
+    JUMP = "jump"
+    #: OR `Rule.mark` into the packet mark
+    MARK = "mark"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class Match:
     alive: bool = False
     #: match only packets in this conntrack state
     ctstate: CtState | None = None
+    #: match only packets whose source address is local to the node (addrtype LOCAL)
+    src_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,19 +147,33 @@ class Rule:
     comment: str
     #: DNAT target (address, port); only with Verdict.DNAT
     to: tuple[IPAddress, int] | None = None
+    #: the `Chain.sub` of the chain to go on in; only with Verdict.JUMP
+    jump: str | None = None
+    #: bits to set in the packet mark; only with Verdict.MARK
+    mark: int | None = None
 
 
 @dataclass(frozen=True)
 class Chain:
-    """One dnsguard chain, hooked from one built-in chain by a single jump, first in line."""
+    """One dnsguard chain, hooked from one built-in chain by a single jump, first in line.
+
+    A chain with ``sub`` set is not hooked: only rules of dnsguard's own chains jump to it
+    (`Verdict.JUMP`), and ``hook`` then names the traffic it serves. It is owned, diffed,
+    rewritten and cleaned up like every other ``DNSGUARD-*`` chain.
+    """
 
     table: Table
     hook: Hook
     rules: tuple[Rule, ...]
+    sub: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{CHAIN_PREFIX}{self.hook.value}"
+        return f"{CHAIN_PREFIX}{self.sub or self.hook.value}"
+
+    @property
+    def hooked(self) -> bool:
+        return self.sub is None
 
 
 @dataclass(frozen=True)
@@ -190,3 +210,23 @@ class NodeFacts:
     node_nameservers: tuple[IPAddress, ...] = ()
     #: the DNS Service's ready endpoints (pod IPs), when the Kubernetes API told us
     dns_endpoints: tuple[IPAddress, ...] = ()
+    #: Services with external IPs or load-balancer ingress IPs (--external-to-cluster)
+    external_services: tuple[ExternalService, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    proto: Proto
+    port: int
+
+
+@dataclass(frozen=True)
+class ExternalService:
+    """The few fields of a Service that --external-to-cluster plans from."""
+
+    #: ``namespace/name``
+    key: str
+    cluster_ips: tuple[IPAddress, ...]
+    ports: tuple[ServicePort, ...]
+    #: spec.externalIPs and status.loadBalancer.ingress[].ip, deduplicated
+    external_ips: tuple[IPAddress, ...]

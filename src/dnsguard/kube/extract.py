@@ -15,10 +15,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dnsguard.model import IPAddress, IPNetwork
+from dnsguard.model import ExternalService, IPAddress, IPNetwork, Proto, ServicePort
 
 __all__ = ["endpoint_key", "node_pod_cidrs", "object_key", "service_cluster_ips",
-           "slice_dns_endpoints"]
+           "service_external", "slice_dns_endpoints"]
 
 log = logging.getLogger("dnsguard.kube")
 
@@ -124,3 +124,37 @@ def node_pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
         if net not in cidrs:
             cidrs.append(net)
     return tuple(cidrs)
+
+
+def service_external(obj: Mapping[str, Any]) -> ExternalService | None:
+    """ClusterIPs, TCP/UDP ports and external IPs of a Service that has any; else None.
+
+    External IPs are ``spec.externalIPs`` and ``status.loadBalancer.ingress[].ip`` (hostname-only
+    ingress has no address to match). None keeps the Service out of the store entirely, so a
+    cluster of 10k ClusterIP-only Services costs the reflector nothing per Service.
+    """
+    spec, status = _dict(obj.get("spec")), _dict(obj.get("status"))
+    key = object_key(obj)
+    raw = list(spec.get("externalIPs") or [])
+    ingress = _dict(status.get("loadBalancer")).get("ingress")
+    raw += [_dict(i).get("ip") for i in (ingress if isinstance(ingress, list) else [])]
+    external: list[IPAddress] = []
+    for value in raw:
+        ip = _ip(value, f"external IP of Service {key}") if value else None
+        if ip is not None and ip not in external:
+            external.append(ip)
+    if not external:
+        return None
+    cluster_ips = service_cluster_ips(obj)
+    ports: list[ServicePort] = []
+    raw_ports = spec.get("ports")
+    for p in raw_ports if isinstance(raw_ports, list) else []:
+        port = _dict(p)
+        number, proto = port.get("port"), str(port.get("protocol") or "TCP").lower()
+        if isinstance(number, int) and proto in ("tcp", "udp"):  # SCTP: not planned
+            sp = ServicePort(Proto(proto), number)
+            if sp not in ports:
+                ports.append(sp)
+    if not cluster_ips or not ports:
+        return None
+    return ExternalService(key, cluster_ips, tuple(ports), tuple(external))

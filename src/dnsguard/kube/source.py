@@ -27,10 +27,11 @@ from dnsguard.kube.extract import (
     endpoint_key,
     node_pod_cidrs,
     service_cluster_ips,
+    service_external,
     slice_dns_endpoints,
 )
 from dnsguard.kube.reflector import ListWatch, Reflector
-from dnsguard.model import IPAddress, IPNetwork
+from dnsguard.model import ExternalService, IPAddress, IPNetwork
 
 __all__ = ["READ_TIMEOUT", "WATCH_TIMEOUT", "ClusterFacts", "KubeSource", "load_once"]
 
@@ -59,6 +60,8 @@ class ClusterFacts:
     pod_cidrs: tuple[IPNetwork, ...]
     #: "what@resourceVersion" per reflector, for logs
     resource_versions: str
+    #: Services with external or load-balancer IPs, by namespace/name (with external=True)
+    external_services: tuple[ExternalService, ...] = ()
 
 
 def _dedup(values: Sequence[T]) -> tuple[T, ...]:
@@ -76,11 +79,12 @@ class KubeSource:
     def __init__(self, *, kubeconfig: str | None, dns_services: Sequence[tuple[str, str]],
                  node_name: str | None, read_timeout: float = READ_TIMEOUT,
                  watch_timeout: int = WATCH_TIMEOUT, backoff: Backoff | None = None,
-                 wait: Waiter = event_wait, rand: Callable[[], float] | None = None) -> None:
+                 wait: Waiter = event_wait, rand: Callable[[], float] | None = None,
+                 external: bool = False) -> None:
         self.dns_services = _dedup(list(dns_services))
         self.node_name = node_name
         self._api = kclient.new_api_client(kubeconfig,
-                                           pool_size=2 * len(self.dns_services) + 3)
+                                           pool_size=2 * len(self.dns_services) + 4)
         self._cond = threading.Condition()
         self._generation = 0
         self._seen = 0
@@ -110,11 +114,16 @@ class KubeSource:
         if node_name:
             self._node = reflector(f"node {node_name}", kclient.node(self._api, node_name),
                                    node_pod_cidrs)
+        #: every Service, for --external-to-cluster; stores only those with external IPs
+        self._external: Reflector[ExternalService] | None = None
+        if external:
+            self._external = reflector("services (all)", kclient.all_services(self._api),
+                                       service_external)
 
     @property
     def reflectors(self) -> list[Reflector[Any]]:
         found: list[Reflector[Any]] = [*self._services, *self._slices]
-        return [*found, self._node] if self._node is not None else found
+        return found + [r for r in (self._node, self._external) if r is not None]
 
     def _changed(self) -> None:
         with self._cond:
@@ -168,12 +177,14 @@ class KubeSource:
                            key=endpoint_key)
         cidrs = _dedup([c for v in self._node.values() for c in v]) if self._node else ()
         rvs = ", ".join(f"{r.name}@{r.resource_version}" for r in self.reflectors)
-        return ClusterFacts(dns_ips, tuple(endpoints), cidrs, rvs)
+        ext = tuple(v for _, v in sorted(self._external.items().items())) \
+            if self._external else ()
+        return ClusterFacts(dns_ips, tuple(endpoints), cidrs, rvs, ext)
 
     def _warn_missing(self) -> None:
         """Log once when a watched Service or the node goes missing, once when it is back."""
         now = {r.name for r in self.reflectors
-               if r.lw.kind != "endpointslices" and not r.items()}
+               if r.lw.kind != "endpointslices" and r is not self._external and not r.items()}
         with self._warn_lock:
             for name in sorted(now - self._missing):
                 log.warning("%s does not exist (yet): its facts are empty", name)
@@ -210,7 +221,7 @@ LOAD_READ_TIMEOUT = 15.0
 
 def load_once(*, kubeconfig: str | None, dns_services: Sequence[tuple[str, str]],
               node_name: str | None, read_timeout: float = LOAD_READ_TIMEOUT,
-              watch_timeout: int = WATCH_TIMEOUT) -> ClusterFacts:
+              watch_timeout: int = WATCH_TIMEOUT, external: bool = False) -> ClusterFacts:
     """List once, no watch: facts for one-shot commands (plan, apply, status, doctor, cleanup).
 
     Raises `KubeConfigError` or `KubeApiError` (no retries: a one-shot command reports and
@@ -218,7 +229,7 @@ def load_once(*, kubeconfig: str | None, dns_services: Sequence[tuple[str, str]]
     """
     source = KubeSource(kubeconfig=kubeconfig, dns_services=dns_services, node_name=node_name,
                         read_timeout=read_timeout, watch_timeout=watch_timeout,
-                        backoff=Backoff(), wait=event_wait)
+                        backoff=Backoff(), wait=event_wait, external=external)
     try:
         source.list_all()
         facts = source.snapshot()

@@ -96,7 +96,8 @@ def desired_tables(plan: Plan, family: Family) -> Tables:
     for chain in plan.for_family(family).chains:
         st = out.setdefault(chain.table, TableState())
         st.chains[chain.name] = tuple(iptables_rule(chain.name, r, family) for r in chain.rules)
-        st.jumps[chain.hook.value] = ((1, iptables_jump(chain)),)
+        if chain.hooked:
+            st.jumps[chain.hook.value] = ((1, iptables_jump(chain)),)
     return out
 
 

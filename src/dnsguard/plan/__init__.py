@@ -38,6 +38,7 @@ from dnsguard.model import (
     Table,
     Verdict,
 )
+from dnsguard.plan import external
 from dnsguard.plan.cache import CacheSpec
 
 __all__ = ["DNS_PORT", "Plan", "PlanRefused", "plan"]
@@ -70,48 +71,54 @@ class Plan:
 
 def plan(facts: NodeFacts, settings: Settings) -> Plan:
     """Compute the rules for ``settings.mitigation`` on a node described by ``facts``."""
+    if settings.external_to_cluster and (why := external.refuse_reason(facts)):
+        raise PlanRefused(why)
     if settings.mitigation is Mitigation.NOTRACK:
         p = _plan_notrack(facts)
     elif settings.mitigation is Mitigation.NODELOCAL:
         p = _plan_nodelocal(facts, settings)
-    elif not settings.drop_invalid_input:
+    elif not (settings.drop_invalid_input or settings.external_to_cluster):
         raise PlanRefused("--mitigation none with no other feature enabled leaves dnsguard "
-                          "nothing to do: add --drop-invalid-input or pick a mitigation")
+                          "nothing to do: add --drop-invalid-input or --external-to-cluster, "
+                          "or pick a mitigation")
     else:
         p = Plan(())
-    if settings.drop_invalid_input:
-        p = _with_drop_invalid(p, facts.families)
+    for family in (Family.V4, Family.V6):
+        if family not in facts.families:
+            continue
+        if settings.external_to_cluster:
+            p = _merge(p, family, external.external_chains(facts, family))
+        if settings.drop_invalid_input:
+            p = _merge(p, family, [Chain(Table.FILTER, Hook.INPUT, (_DROP_INVALID,))])
     return p
 
 
-def _with_drop_invalid(p: Plan, families: frozenset[Family]) -> Plan:
-    """Append the INVALID drop to ``DNSGUARD-INPUT`` in every family the node has.
+#: Last in ``DNSGUARD-INPUT``: the node-local cache's accepts come first. TCP only, by design:
+#: the fix is for out-of-window segments that conntrack marks INVALID and the host would answer
+#: with a RST, resetting a healthy connection. ICMP errors matching no tracked flow are INVALID
+#: too, among them the Packet Too Big / Fragmentation Needed for flows dnsguard itself untracks
+#: (NOTRACKed DNS over TCP): dropping those would black-hole path MTU discovery. Untracked
+#: packets are in state UNTRACKED, not INVALID, so no NOTRACK rule is undone by this one.
+_DROP_INVALID = Rule(Match(proto=Proto.TCP, ctstate=CtState.INVALID), Verdict.DROP,
+                     "dnsguard: drop TCP that conntrack finds INVALID (out of window) instead "
+                     "of answering it with a RST")
 
-    Last in the chain: the node-local cache's accepts come first. TCP only, by design: the fix
-    is for out-of-window segments that conntrack marks INVALID and the host would answer with a
-    RST, resetting a healthy connection. ICMP errors matching no tracked flow are INVALID too,
-    among them the Packet Too Big / Fragmentation Needed for flows dnsguard itself untracks
-    (NOTRACKed DNS over TCP): dropping those would black-hole path MTU discovery. Untracked
-    packets are in state UNTRACKED, not INVALID, so no NOTRACK rule is undone by this one.
-    """
-    drop = Rule(Match(proto=Proto.TCP, ctstate=CtState.INVALID), Verdict.DROP,
-                "dnsguard: drop TCP that conntrack finds INVALID (out of window) instead of "
-                "answering it with a RST")
-    rulesets = []
-    for family in (Family.V4, Family.V6):
-        rs = p.for_family(family)
-        if family in families:
-            chains = list(rs.chains)
-            for i, chain in enumerate(chains):
-                if chain.table is Table.FILTER and chain.hook is Hook.INPUT:
-                    chains[i] = replace(chain, rules=(*chain.rules, drop))
-                    break
-            else:
-                chains.append(Chain(Table.FILTER, Hook.INPUT, (drop,)))
-            rs = Ruleset(family, tuple(chains))
-        if rs.chains:
-            rulesets.append(rs)
-    return replace(p, rulesets=tuple(rulesets))
+
+def _merge(p: Plan, family: Family, extra: list[Chain]) -> Plan:
+    """Append ``extra``'s rules to the same chains of ``family``, adding chains not there yet."""
+    if not extra:
+        return p
+    chains = list(p.for_family(family).chains)
+    for add in extra:
+        for i, chain in enumerate(chains):
+            if chain.name == add.name and chain.table is add.table:
+                chains[i] = replace(chain, rules=(*chain.rules, *add.rules))
+                break
+        else:
+            chains.append(add)
+    rulesets = {rs.family: rs for rs in p.rulesets}
+    rulesets[family] = Ruleset(family, tuple(chains))
+    return replace(p, rulesets=tuple(rulesets[f] for f in sorted(rulesets, key=lambda f: f.value)))
 
 
 def _plan_notrack(facts: NodeFacts) -> Plan:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from dnsguard.model import (
     ALIVE_SECONDS,
+    CHAIN_PREFIX,
     NFT_TABLE,
     Chain,
     Family,
@@ -75,6 +76,8 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
             tokens += ["--dport", str(m.dport)]
     if m.ctstate is not None:
         tokens += ["-m", "conntrack", "--ctstate", m.ctstate.value.upper()]
+    if m.src_local:
+        tokens += ["-m", "addrtype", "--src-type", "LOCAL"]
     if m.alive:
         tokens += ["-m", "recent", "--rcheck", "--seconds", str(ALIVE_SECONDS),
                    "--name", family.alive_name, "--mask", family.host_mask, "--rdest"]
@@ -82,9 +85,25 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
         if rule.to is None:
             raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
         tokens += ["-j", "DNAT", "--to-destination", _hostport(*rule.to)]
+    elif rule.verdict is Verdict.JUMP:
+        tokens += ["-j", CHAIN_PREFIX + _jump(rule)]
+    elif rule.verdict is Verdict.MARK:
+        tokens += ["-j", "MARK", "--set-xmark", f"{_mark(rule):#x}/{_mark(rule):#x}"]
     else:
         tokens += _IPT_TARGET[rule.verdict]
     return tuple(tokens)
+
+
+def _jump(rule: Rule) -> str:
+    if rule.jump is None:
+        raise ValueError(f"rule {rule.comment!r}: a jump needs a target chain")
+    return rule.jump
+
+
+def _mark(rule: Rule) -> int:
+    if rule.mark is None:
+        raise ValueError(f"rule {rule.comment!r}: MARK needs a mark")
+    return rule.mark
 
 
 def _hostport(ip: object, port: int) -> str:
@@ -118,6 +137,8 @@ def parse_iptables_line(line: str) -> Tokens:
 
 
 def nft_chain_name(chain: Chain) -> str:
+    if chain.sub is not None:
+        return chain.sub.lower()
     return f"{chain.table.value}-{chain.hook.value.lower()}"
 
 
@@ -142,6 +163,8 @@ def _nft_match(family: Family, m: Match) -> list[str]:
                 parts += [m.proto.value, "dport", str(m.dport)]
     if m.ctstate is not None:
         parts += ["ct", "state", m.ctstate.value]
+    if m.src_local:
+        parts += ["fib", "saddr", "type", "local"]
     return parts
 
 
@@ -161,6 +184,10 @@ def nft_rule(family: Family, rule: Rule) -> str:
         if rule.to is None:
             raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
         verdict = f"dnat {family.nft_addr} to {_hostport(*rule.to)}"
+    elif rule.verdict is Verdict.JUMP:
+        verdict = f"jump {_jump(rule).lower()}"
+    elif rule.verdict is Verdict.MARK:
+        verdict = f"meta mark set meta mark | {_mark(rule):#010x}"
     else:
         verdict = rule.verdict.value
     words = [*_nft_match(family, rule.match), verdict]
@@ -173,12 +200,16 @@ def nft_table(rulesets: Iterable[Ruleset]) -> str:
     Both families share one ``inet`` table; a chain holds the IPv4 rules, then the IPv6 ones.
     """
     chains: dict[tuple[Table, Hook], list[str]] = {}
+    subs: dict[str, list[str]] = {}
     sets: list[Family] = []
     for rs in rulesets:
         if rs.uses_alive:
             sets.append(rs.family)
         for chain in rs.chains:
-            lines = chains.setdefault((chain.table, chain.hook), [])
+            if chain.sub is not None:
+                lines = subs.setdefault(nft_chain_name(chain), [])
+            else:
+                lines = chains.setdefault((chain.table, chain.hook), [])
             lines.extend(nft_rule(rs.family, r) for r in chain.rules)
     out = [f"table inet {NFT_TABLE} {{"]
     for i, family in enumerate(sets):
@@ -186,9 +217,17 @@ def nft_table(rulesets: Iterable[Ruleset]) -> str:
             out.append("")
         out += [f"\tset {_nft_set(family)} {{", f"\t\ttype ipv{family.value}_addr",
                 "\t\tflags timeout", "\t}"]
+    # regular chains first (in name order): a jump may only name a chain already declared,
+    # and nft lists chains in the order they were added
+    for i, name in enumerate(sorted(subs)):
+        if i or sets:
+            out.append("")
+        out.append(f"\tchain {name} {{")
+        out.extend(f"\t\t{r}" for r in subs[name])
+        out.append("\t}")
     for i, ((table, hook), rules) in enumerate(sorted(
             chains.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value))):
-        if i or sets:
+        if i or sets or subs:
             out.append("")
         ctype, _ = _NFT_HOOK_PRIORITY[table]
         prio = _nft_priority(table, hook)

@@ -1,0 +1,88 @@
+"""--external-to-cluster: in-cluster traffic to a Service's external IPs goes to its ClusterIP.
+
+For IPVS mode, where kube-proxy leaves traffic to a LoadBalancer ingress IP or an external IP
+to the network: a pod (or the node) talking to it then hairpins through the load balancer, and
+with ``externalTrafficPolicy: Local`` reaches a backend only if one runs behind the node the
+balancer picked. dnsguard DNATs such traffic, from the pod ranges (nat PREROUTING) and from the
+node itself (nat OUTPUT, source address type LOCAL), to the Service's ClusterIP of the same
+family on the same port, which IPVS serves on every node. The packet is first marked with
+kube-proxy's masquerade bit (0x4000), as kube-proxy marks traffic it must masquerade.
+
+Layout, as kube-proxy's: one dispatch rule per (external IP, port[, pod range]) in
+``DNSGUARD-PREROUTING`` / ``DNSGUARD-OUTPUT`` jumps to a per-Service, per-family chain
+``DNSGUARD-EXT-<hash>`` (not hooked) that marks and DNATs per port. The hash is of
+``namespace/name`` and the family, so a Service keeps its chain name across changes and a
+change to one Service rewrites only its own chain's rules and its dispatch rules.
+
+Refused in iptables and nftables modes: kube-proxy already short-circuits in-cluster traffic to
+external IPs there, and our DNAT would make kube-proxy's own ClusterIP DNAT never run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from ipaddress import ip_network
+
+from dnsguard.model import (
+    Chain,
+    Family,
+    Hook,
+    Match,
+    NodeFacts,
+    Rule,
+    Table,
+    Verdict,
+)
+
+__all__ = ["MASQ_MARK", "external_chains", "refuse_reason", "sub_chain"]
+
+#: kube-proxy's --iptables-masquerade-bit default (14): KUBE-POSTROUTING masquerades it
+MASQ_MARK = 0x4000
+
+
+def sub_chain(key: str, family: Family) -> str:
+    """``EXT-`` and 12 base32 characters: within iptables' 28-character chain names."""
+    digest = hashlib.sha256(f"{key}/ipv{family.value}".encode()).digest()
+    return "EXT-" + base64.b32encode(digest).decode()[:12]
+
+
+def refuse_reason(facts: NodeFacts) -> str | None:
+    if facts.proxy_mode.nats_with_conntrack:
+        return (f"refusing --external-to-cluster in kube-proxy {facts.proxy_mode.value} mode: "
+                "kube-proxy already sends in-cluster traffic to external IPs to the Service, and "
+                "a DNAT to the ClusterIP ahead of it would skip kube-proxy's own DNAT")
+    return None
+
+
+def external_chains(facts: NodeFacts, family: Family) -> list[Chain]:
+    """nat chains for ``family``: dispatch in PREROUTING and OUTPUT, one chain per Service."""
+    pre: list[Rule] = []
+    out: list[Rule] = []
+    subs: list[Chain] = []
+    cidrs = [c for c in facts.pod_cidrs if Family.of(c) is family]
+    for svc in sorted(facts.external_services, key=lambda s: s.key):
+        cip = next((ip for ip in svc.cluster_ips if Family.of(ip) is family), None)
+        ext = sorted({ip for ip in svc.external_ips if Family.of(ip) is family}, key=int)
+        if cip is None or not ext or not svc.ports:
+            continue
+        sub = sub_chain(svc.key, family)
+        rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {svc.key} mark for masquerade",
+                      mark=MASQ_MARK)]
+        for sp in svc.ports:
+            p = sp.proto.value
+            rules.append(Rule(Match(proto=sp.proto, dport=sp.port), Verdict.DNAT,
+                              f"dnsguard: {svc.key} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
+            for ip in ext:
+                dst = ip_network(ip)
+                what = f"dnsguard: {svc.key} {p}/{sp.port} external IP {ip}"
+                for cidr in cidrs:
+                    pre.append(Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),
+                                    Verdict.JUMP, f"{what} from pods in {cidr}", jump=sub))
+                out.append(Rule(Match(proto=sp.proto, dst=dst, dport=sp.port, src_local=True),
+                                Verdict.JUMP, f"{what} from the node", jump=sub))
+        subs.append(Chain(Table.NAT, Hook.PREROUTING, tuple(rules), sub=sub))
+    if not subs:
+        return []
+    hooked = [Chain(Table.NAT, Hook.PREROUTING, tuple(pre))] if pre else []
+    return [*subs, *hooked, Chain(Table.NAT, Hook.OUTPUT, tuple(out))]
