@@ -5,7 +5,8 @@
   subject here: a path with a few 5 s lookups out of 100k ends in a long flat step at 1e-5
   instead of dropping away.
 * ``slow-<date>.png``: lookups >= 1 s (timeouts included) per scenario and path, on a symlog
-  axis so that zero stays visible next to thousands.
+  axis so that zero stays visible next to thousands; the hatched part of a bar is lookups
+  that were slow only because their own load generator was starved (machine noise).
 * ``rulesync-<date>.png``: seconds to write N rules, dnsguard's one restore against one exec
   per rule; extrapolated points are drawn hollow.
 
@@ -94,19 +95,25 @@ def write_plots(doc: Doc, out_dir: Path, stem: str) -> list[Path]:
         fig, ax = plt.subplots(figsize=(10, 3.8))
         width = 0.8 / len(names)
         for j, path_name in enumerate(names):
-            xs, ys = [], []
+            xs, dns, gen = [], [], []
             for i, sc in enumerate(scenarios):
                 match = [r for r in runs if r["scenario"] == sc and r["path"] == path_name]
                 if match:
+                    s = match[0]["stats"]
+                    starved = s.get("at_least_1s_generator_starved") or 0
                     xs.append(i + (j - (len(names) - 1) / 2) * width)
-                    ys.append(match[0]["stats"]["at_least_1s"])
+                    dns.append(s["at_least_1s"] - starved)
+                    gen.append(starved)
             if xs:
-                ax.bar(xs, ys, width=width, label=path_name, color=COLORS.get(path_name))
+                color = COLORS.get(path_name)
+                ax.bar(xs, dns, width=width, label=path_name, color=color)
+                ax.bar(xs, gen, width=width, bottom=dns, color="white", edgecolor=color,
+                       hatch="////", linewidth=0.5)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xticks(range(len(scenarios)))
         ax.set_xticklabels(scenarios, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("lookups >= 1 s (incl. timeouts)")
-        ax.set_title("slow lookups per scenario")
+        ax.set_title("slow lookups per scenario (hatched: load generator starved)")
         ax.legend(fontsize=7, ncols=3)
         ax.grid(True, axis="y", linewidth=0.3)
         fig.tight_layout()
@@ -123,10 +130,11 @@ def write_plots(doc: Doc, out_dir: Path, stem: str) -> list[Path]:
             if not rows:
                 continue
             n = [r["rules"] for r in rows]
+            style = "-" if backend == "iptables-legacy" else "--"
             ax.plot(n, [r["dnsguard_apply_seconds"] for r in rows], marker=marker,
-                    label=f"dnsguard, {backend}", color="#1f77b4")
+                    linestyle=style, label=f"dnsguard, {backend}", color="#1f77b4")
             ax.plot(n, [r["per_rule_exec_seconds"] for r in rows], marker=marker,
-                    label=f"exec per rule, {backend}", color="#d62728")
+                    linestyle=style, label=f"exec per rule, {backend}", color="#d62728")
             ext = [r for r in rows if r["per_rule_exec_extrapolated"]]
             ax.scatter([r["rules"] for r in ext], [r["per_rule_exec_seconds"] for r in ext],
                        marker=marker, facecolors="white", edgecolors="#d62728", zorder=3)

@@ -146,9 +146,19 @@ def _ipvs(doc: Doc) -> str:
     head = (f"Guest kernel {ipvs.get('kernel')} under qemu (software emulation: counts only, no "
             f"rates); {ipvs.get('pods')} pods x {ipvs.get('concurrency')} in flight, kube-proxy "
             f"rules written with iptables-{ipvs.get('iptables')}.\n\n")
+    tail = ""
+    for step in ("apply", "cleanup"):
+        res = ipvs.get(step)
+        if isinstance(res, dict):
+            last = str(res.get("output", "")).splitlines()[:1]
+            tail += f"`dnsguard {step}` exited {res.get('returncode')}" + (
+                f" (`{last[0]}`)" if last else "") + ". "
+    if ipvs.get("guest_error"):
+        tail += "The guest then failed: " + str(ipvs["guest_error"]).splitlines()[-1]
     return head + markdown_table(
         ["path", "lookups", "ct entries per lookup", ">=1 s", ">=5 s", "unanswered",
-         "conntrack " + " / ".join(CT_COUNTERS)], rows, "lrrrrrr")
+         "conntrack " + " / ".join(CT_COUNTERS)], rows, "lrrrrrr") + (
+            f"\n{tail.strip()}\n" if tail else "")
 
 
 def _rule_sync(doc: Doc) -> str:

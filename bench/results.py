@@ -274,8 +274,10 @@ def summarize_load(workers: Sequence[WorkerOutput], duration: float | None = Non
     slow = sorted((dataclasses.replace(e, offset=e.offset + w.started - t0)
                    for w, e in classified), key=lambda s: s.offset)[:max_slow]
     starved = [s.gap * s.starved_fraction for w in workers for s in (w.stalls or ())]
+    # cores used by the workers running at the same time (one per pod), averaged over rounds
     cpu = sum(w.cpu_seconds for w in workers)
-    wall = max((w.elapsed for w in workers), default=0.0)
+    busy = sum(w.elapsed for w in workers)
+    pods = len({w.label for w in workers})
     return LoadStats(
         lookups=len(ordered),
         answered=len(answered),
@@ -293,10 +295,10 @@ def summarize_load(workers: Sequence[WorkerOutput], duration: float | None = Non
         at_least_1s_generator=by_generator if measured else None,
         generator_stall_max=max(starved, default=0.0) if measured else None,
         generator_starved_seconds=sum(starved) if measured else None,
-        generator_cores=cpu / wall if wall > 0 else 0.0,
+        generator_cores=cpu / busy * pods if busy > 0 else 0.0,
         histogram=tuple(log_histogram(answered)),
         slow=tuple(slow),
-        pods=len(workers),
+        pods=pods,
         late=max((w.late for w in workers), default=0.0),
     )
 

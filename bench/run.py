@@ -36,15 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from bench import footprint, plots, report, rulesync, targets
 from bench.ipvs import run_in_vm
-from bench.node import ANSWER_TTL, BenchLab, PathNode
-from bench.results import CT_COUNTERS, counter_deltas, summarize_load
+from bench.node import ANSWER_TTL, BenchLab, PathNode, Snapshot
+from bench.results import CT_COUNTERS, WorkerOutput, counter_deltas, summarize_load
 from bench.spec import PATHS, Load, Profile, Scenario, lookup_names, profile
 from bench.sysctl import ConntrackLimits, SysctlRefused, read_limits
 from dnsguard.model import Backend
@@ -171,18 +172,44 @@ class Bench:
             self.doc["runs"].extend(entries)
 
     def _paths(self, sc: Scenario) -> list[dict[str, Any]]:
-        """One scenario on each of its paths, in order; failures recorded, not raised."""
-        entries = []
-        for path in sc.paths:
-            if path not in self.nodes:
-                continue
-            try:
-                entries.append(self._run(self.nodes[path], sc))
-            except (LabError, OSError, ValueError, subprocess.SubprocessError) as exc:
-                log.error("%s on %s failed: %s", sc.name, path, exc)
-                entries.append(_entry(path, sc, status="failed", reason=str(exc)))
-                self._recover(self.nodes[path])
-        return entries
+        """One scenario on each of its paths, ``sc.rounds`` times round-robin, each path's
+        rounds merged into one entry; failures are recorded, not raised."""
+        paths = [p for p in sc.paths if p in self.nodes]
+        rounds: dict[str, list[_Round]] = {p: [] for p in paths}
+        failed: dict[str, str] = {}
+        for r in range(sc.rounds):
+            for path in paths:
+                if path in failed:
+                    continue
+                try:
+                    rounds[path].append(self._run(self.nodes[path], sc, r))
+                except (LabError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                    log.error("%s on %s failed: %s", sc.name, path, exc)
+                    failed[path] = str(exc)
+                    self._recover(self.nodes[path])
+        return [_entry(p, sc, status="failed", reason=failed[p]) if p in failed
+                else self._merge(p, sc, rounds[p]) for p in paths]
+
+    def _merge(self, path: str, sc: Scenario, rounds: list[_Round]) -> dict[str, Any]:
+        workers = [w for r in rounds for w in r.workers]
+        stats = summarize_load(workers, sc.load.duration * len(rounds))
+        status, reason = "ok", ""
+        if sc.needs_sysctl and self.limits is not None and self.limits.aborted:
+            status, reason = "void", self.limits.aborted
+        fields: dict[str, Any] = {
+            "stats": stats.to_json(),
+            "conntrack": _sum_counts([r.conntrack for r in rounds]),
+            "conntrack_entries_end": rounds[-1].after.entries,
+            "rcvbuf_errors": _sum_counts([r.rcvbuf for r in rounds]),
+            "dnsmasq_tcp_listen_drops": _sum_counts(
+                [{"d": r.listen_drops} for r in rounds])["d"],
+            "event": rounds[0].event or None,
+        }
+        if len(rounds) > 1:
+            fields["rounds"] = len(rounds)
+            fields["round_rates"] = [round(summarize_load(r.workers, sc.load.duration).rate, 1)
+                                     for r in rounds]
+        return _entry(path, sc, status=status, reason=reason, **fields)
 
     def _pressure(self, sc: Scenario) -> list[dict[str, Any]]:
         """A scenario under lowered global limits, retried while other people are busy.
@@ -225,8 +252,9 @@ class Bench:
             else:
                 node.wait_intercepting(30)
 
-    def _run(self, node: PathNode, sc: Scenario) -> dict[str, Any]:
-        log.info("%s on %s", sc.name, node.spec.name)
+    def _run(self, node: PathNode, sc: Scenario, round_no: int = 0) -> _Round:
+        log.info("%s on %s%s", sc.name, node.spec.name,
+                 f" (round {round_no + 1}/{sc.rounds})" if sc.rounds > 1 else "")
         # Every node's, not only this one's: the hash table is global, so entries left by the
         # previous path's run would lengthen the chains this run inserts into.
         for other in self.nodes.values():
@@ -250,24 +278,18 @@ class Bench:
                 event_info[key.removesuffix("_wall") + "_at_seconds"] = round(wall - start, 3)
             event_info["agent_log"] = node.agent_timeline(
                 start, start + sc.load.duration + TIMEOUT)
-        status, reason = "ok", ""
-        if sc.needs_sysctl and self.limits is not None and self.limits.aborted:
-            status, reason = "void", self.limits.aborted
-        entry = _entry(
-            node.spec.name, sc, status=status, reason=reason, stats=stats.to_json(),
+        result = _Round(
+            workers=workers, after=after, event=event_info,
             conntrack=counter_deltas(before.conntrack, after.conntrack, CT_COUNTERS),
-            conntrack_entries_end=after.entries,
-            rcvbuf_errors={k: v - before.rcvbuf.get(k, 0) for k, v in after.rcvbuf.items()},
-            dnsmasq_tcp_listen_drops=None if after.tcp_listen_drops is None
+            rcvbuf={k: v - before.rcvbuf.get(k, 0) for k, v in after.rcvbuf.items()},
+            listen_drops=None if after.tcp_listen_drops is None
             or before.tcp_listen_drops is None
             else after.tcp_listen_drops - before.tcp_listen_drops,
-            event=event_info or None,
         )
-        s = stats
-        log.info("  %.0f lookups/s, p99 %s, >=1s %d, unanswered %d, ct %s", s.rate,
-                 report.fmt_latency(s.p99), s.at_least_1s, s.failed,
-                 counter_deltas(before.conntrack, after.conntrack, CT_COUNTERS))
-        return entry
+        log.info("  %.0f lookups/s, p99 %s, >=1s %d, unanswered %d, ct %s", stats.rate,
+                 report.fmt_latency(stats.p99), stats.at_least_1s, stats.failed,
+                 result.conntrack)
+        return result
 
     def _event(self, node: PathNode, sc: Scenario,
                info: dict[str, object]) -> Callable[[], None] | None:
@@ -295,7 +317,7 @@ class Bench:
     def footprint(self) -> None:
         out: dict[str, Any] = {}
         for name, node in self.nodes.items():
-            if not node.spec.nodelocal:
+            if name not in self.prof.footprint_paths:
                 continue
             try:
                 out[name] = self._footprint_of(node)
@@ -339,13 +361,36 @@ class Bench:
         self.doc["rule_sync"] = rows
 
     def vm(self) -> None:
-        reason = vm.available()
+        reason = "left out of --quick (it alone takes 2-4 minutes)" \
+            if self.prof.vm_lookups == 0 else vm.available()
         if reason is not None:
             self.doc["ipvs"] = {"skipped": reason}
             return
         log.info("IPVS mode in the qemu VM (a few minutes)")
         self.doc["ipvs"] = run_in_vm(self.prof.vm_lookups, self.prof.vm_concurrency,
                                      self.args.iptables)
+
+
+@dataclass
+class _Round:
+    """One run of a scenario on one path, before rounds are merged."""
+
+    workers: list[WorkerOutput]
+    after: Snapshot
+    event: dict[str, object]
+    conntrack: dict[str, int | None]
+    rcvbuf: dict[str, int]
+    listen_drops: int | None
+
+
+def _sum_counts(parts: Sequence[Mapping[str, int | None]]) -> dict[str, int | None]:
+    """Per key, the sum over rounds; None if any round could not read it."""
+    keys = dict.fromkeys(k for p in parts for k in p)
+    out: dict[str, int | None] = {}
+    for k in keys:
+        values = [p.get(k) for p in parts]
+        out[k] = None if any(v is None for v in values) else sum(v for v in values if v)
+    return out
 
 
 def _entry(path: str, sc: Scenario, *, status: str, reason: str = "",

@@ -73,9 +73,18 @@ def test_short_timeout_does_not_count_in_the_five_second_bucket():
     assert s.at_least_1s == 1 and s.at_least_5s == 0
 
 
-def test_generator_cores_is_cpu_over_wall_time():
-    s = summarize_load([worker([0.001], cpu=3.0, elapsed=10.0), worker([0.001], cpu=2.0)])
+def test_generator_cores_is_cpu_over_wall_time_of_the_pods_running_together():
+    s = summarize_load([worker([0.001], cpu=3.0, elapsed=10.0),
+                        worker([0.001], cpu=2.0, label="pod1")])
     assert s.generator_cores == pytest.approx(0.5)
+    assert s.pods == 2
+
+
+def test_rounds_of_the_same_pods_average_their_cores_and_add_their_time():
+    rounds = [worker([0.001] * 10, cpu=3.0), worker([0.001] * 30, cpu=1.0)]  # both pod0
+    s = summarize_load(rounds, duration=20.0)
+    assert s.generator_cores == pytest.approx(0.2)
+    assert s.rate == 2.0 and s.pods == 1
 
 
 def test_slow_events_are_put_on_one_clock_and_sorted():
