@@ -5,9 +5,10 @@ Read from ``/proc/PID/stat`` and ``/proc/PID/status`` of the agent process (the 
 tools it ran and reaped* (``cutime``/``cstime``: iptables-save, iptables-restore, the switch
 refresh every 0.5 s), because that is what the node pays for it. unbound is reported apart.
 
-Churn here means netfilter churn: someone outside flushes dnsguard's chain every second and
-the agent (with ``--sync-interval 1``) notices and restores it. Kubernetes facts churn (Services
-and endpoints changing through the API) needs the API-driven agent and comes later.
+Three states: idle with facts from flags; netfilter churn, where someone outside flushes
+dnsguard's chain every second and the agent (``--sync-interval 1``) notices and restores it;
+Kubernetes facts churn, where the agent takes its facts from a fake API server whose DNS
+endpoints change every second (`bench.fakeapi`), so it re-plans and reloads unbound each time.
 """
 
 from __future__ import annotations

@@ -165,6 +165,7 @@ class PathNode:
         self.reference: subprocess.Popen[str] | None = None
         self.anchor: subprocess.Popen[str] | None = None
         self.dnsmasq_pids: list[int] = []
+        self.resolv = self.state / "node-resolv.conf"
         self.ready_seconds: float | None = None
 
     # -------------------------------------------------------------------- lifecycle
@@ -181,7 +182,7 @@ class PathNode:
         self.anchor = self.lab.popen_in(self.lab.node_netns, ["sleep", "infinity"])
         self.dnsmasq_pids = [p for ns in self.lab.dns_netns for p in _pids_in(ns)]
         self.state.mkdir(parents=True, exist_ok=True)
-        resolv = self.state / "node-resolv.conf"
+        resolv = self.resolv = self.state / "node-resolv.conf"
         # names outside the cluster go to a lab DNS pod, never to the host's resolver
         resolv.write_text(f"nameserver {dns_pod_ip(0)}\n")
         self.agent_args = ["--mitigation", "nodelocal", "--state-dir", str(self.state),
@@ -295,16 +296,24 @@ class PathNode:
 
     # -------------------------------------------------------------------- the agent
 
-    def start_agent(self, extra: Sequence[str] = (), timeout: float = 30.0) -> float:
-        """Start ``dnsguard run`` in the node; seconds until status says it intercepts."""
+    def start_agent(self, extra: Sequence[str] = (), timeout: float = 30.0,
+                    base: Sequence[str] | None = None) -> float:
+        """Start ``dnsguard run`` in the node; seconds until status says it intercepts.
+
+        ``base`` replaces the flag-given facts (e.g. ``--kubeconfig`` ones); the state
+        directory must stay the same, since status is read from it.
+        """
         self.agent_starts += 1
         log_path = self.workdir / f"agent-{self.agent_starts}.log"
         t0 = time.monotonic()
+        # the Kubernetes client must reach the fake API on 127.0.0.1, never through a proxy
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         with log_path.open("w") as out:
             self.agent = self.lab.popen_in(
                 self.lab.node_netns,
-                [sys.executable, "-m", "dnsguard", "run", *self.agent_args, *extra],
-                stdout=out, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "dnsguard", "run",
+                 *(self.agent_args if base is None else base), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
         self.wait_intercepting(timeout)
         return time.monotonic() - t0
 

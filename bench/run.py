@@ -44,7 +44,7 @@ from typing import Any
 
 from bench import footprint, plots, report, rulesync, targets
 from bench.ipvs import run_in_vm
-from bench.node import ANSWER_TTL, BenchLab, PathNode, Snapshot
+from bench.node import ANSWER_TTL, BenchLab, PathNode, Snapshot, worker_env
 from bench.results import CT_COUNTERS, WorkerOutput, counter_deltas, summarize_load
 from bench.spec import PATHS, Load, Profile, Scenario, lookup_names, profile
 from bench.sysctl import ConntrackLimits, SysctlRefused, read_limits
@@ -63,6 +63,8 @@ TIMEOUT = 5.0
 PRESSURE_ATTEMPTS = 3
 #: Seconds to wait for other namespaces to quiet down before another try.
 QUIET_WAIT = 90.0
+#: Node name the fake Kubernetes API publishes for the footprint's API-driven agent.
+API_NODE = "bench-node"
 TOOLS = ("ip", "dnsmasq", "dig", "conntrack", "nft", "unbound", "iptables-nft-restore",
          "iptables-legacy-restore")
 
@@ -345,9 +347,48 @@ class Bench:
         time.sleep(1.5)  # the last flush gets repaired before the log is read
         repairs = node.agent_log(tail=10**7).count("rules changed outside dnsguard")
         node.stop_agent()
-        node.start_agent()  # leave the node as found (production interval)
-        return {"idle": idle.to_json(), "churn": churned.to_json(), "repairs": repairs,
-                "flush_command": shlex.join(flush), "unbound_rss_mib": round(unbound_rss, 1)}
+        out = {"idle": idle.to_json(), "churn": churned.to_json(), "repairs": repairs,
+               "flush_command": shlex.join(flush), "unbound_rss_mib": round(unbound_rss, 1)}
+        try:
+            out.update(self._api_churn(node, secs))
+        finally:
+            if node.agent is None or node.agent.poll() is not None:
+                node.start_agent()  # leave the node as found (flags, production interval)
+        return out
+
+    def _api_churn(self, node: PathNode, secs: float) -> dict[str, Any]:
+        """The agent taking its facts from a (fake) Kubernetes API whose DNS endpoints change
+        every second: the footprint with the Kubernetes client loaded, and what re-planning
+        costs. Each change is a new plan: new upstreams, one unbound reload."""
+        kubeconfig = node.state / "kubeconfig"
+        kubeconfig.unlink(missing_ok=True)
+        lab = node.lab
+        argv = [sys.executable, "-m", "bench.fakeapi", str(kubeconfig), "--node", API_NODE,
+                "--pod-cidr", str(lab.pod_cidrs[0]), "--cluster-ip", str(lab.dns_ips[0]),
+                "--every", "1", "--duration", str(secs + 90)]
+        for ep in lab.dns_endpoints:
+            argv += ["--endpoint", str(ep)]
+        api = lab.popen_in(lab.node_netns, argv, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=worker_env())
+        try:
+            deadline = time.monotonic() + 30
+            while not kubeconfig.exists():
+                if api.poll() is not None or time.monotonic() > deadline:
+                    raise LabError("fake API server did not start")
+                time.sleep(0.1)
+            node.start_agent(base=["--mitigation", "nodelocal", "--kubeconfig", str(kubeconfig),
+                                   "--node-name", API_NODE, "--state-dir", str(node.state),
+                                   "--node-resolv-conf", str(node.resolv)])
+            assert node.agent is not None
+            start_log = len(node.agent_log(tail=10**7))
+            usage = footprint.measure_usage(node.agent.pid, secs)
+            reloads = node.agent_log(tail=10**7)[start_log:].count("unbound reloaded")
+            node.stop_agent()
+        finally:
+            if api.poll() is None:
+                api.terminate()
+                api.wait(timeout=10)
+        return {"api_churn": usage.to_json(), "api_reloads": reloads}
 
     def rule_sync(self, workdir: Path) -> None:
         rows = []

@@ -157,7 +157,7 @@ def _rss_target(doc: Doc) -> Target:
         for path, phases in fp.items():
             if not isinstance(phases, dict):
                 continue
-            for phase in ("idle", "churn"):
+            for phase in ("idle", "churn", "api_churn"):
                 u = phases.get(phase)
                 if isinstance(u, dict):
                     peaks.append((f"{path} {phase}", float(u["peak_rss_mib"])))

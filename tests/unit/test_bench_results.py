@@ -20,6 +20,7 @@ from bench.results import (
     starved_within,
     summarize_load,
 )
+from bench.run import _sum_counts
 from bench.worker import decode_latencies, encode_latencies
 
 INF = math.inf
@@ -226,3 +227,8 @@ def test_without_schedstat_starvation_is_unknown_not_zero():
     s = summarize_load([worker([1.5], slow=[SlowEvent(0.0, 1.5, "ok")])])
     assert s.at_least_1s_generator is None and s.generator_stall_max is None
     assert s.at_least_1s_dns == 1
+
+
+def test_counters_summed_over_rounds_stay_unknown_if_one_round_could_not_read_them():
+    got = _sum_counts([{"drop": 1, "early_drop": 2}, {"drop": 3, "early_drop": None}])
+    assert got == {"drop": 4, "early_drop": None}
