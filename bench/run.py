@@ -70,7 +70,10 @@ TOOLS = ("ip", "dnsmasq", "dig", "conntrack", "nft", "unbound", "iptables-nft-re
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run every scenario on every DNS path of simulated lab nodes (root) and "
+                    "write bench/results/<date>.json, <date>.md and PNG plots.")
     p.add_argument("--quick", action="store_true",
                    help="smoke test (~4 min): 3 s loads, one pressure setting, fewer rules")
     p.add_argument("--allow-sysctl", action="store_true",
