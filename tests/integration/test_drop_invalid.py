@@ -65,26 +65,43 @@ def segment(sport, dport, seq, ack, flags):
     pseudo = struct.pack("!4s4sBBH", socket.inet_aton(src), socket.inet_aton(dst), 0, 6, len(hdr))
     return hdr[:16] + struct.pack("!H", checksum(pseudo + hdr)) + hdr[18:]
 
+def tcp_header(pkt):
+    ihl = (pkt[0] & 0x0F) * 4
+    return struct.unpack("!HHIIBB", pkt[ihl:ihl + 14])
+
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 conn = None
 if mode == "established":
-    conn = socket.create_connection((dst, port), timeout=5)
+    conn = socket.socket()
+    conn.settimeout(5)
+    conn.bind((src, 0))
+    sport = conn.getsockname()[1]
+    conn.connect((dst, port))
     conn.sendall(b"hello\n")
     assert conn.recv(100) == b"hello\n"
-    sport = conn.getsockname()[1]
+    # the SYN-ACK tells both sides' sequence numbers: ours is its ack number
+    while True:
+        s, d, seq0, ack0, _, flags = tcp_header(raw.recv(65535))
+        if (s, d) == (port, sport) and flags & 0x12 == 0x12:
+            break
+    seq, ack = ack0 + 6, seq0 + 1 + 6
     time.sleep(0.3)  # let delayed ACKs pass before watching
+    while select.select([raw], [], [], 0)[0]:
+        raw.recv(65535)
+    # a quarter of the sequence space ahead: beyond any window conntrack allows. (Behind the
+    # window would not do: current kernels let "old" segments through as retransmissions.)
+    seq = (seq + (1 << 30)) & 0xFFFFFFFF
 else:
     sport = random.randint(40000, 60000)
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-# an ACK whose sequence number is half the sequence space away: out of any window
-raw.sendto(segment(sport, port, random.getrandbits(32), random.getrandbits(32), 0x10), (dst, 0))
+    seq, ack = random.getrandbits(32), random.getrandbits(32)
+raw.sendto(segment(sport, port, seq, ack & 0xFFFFFFFF, 0x10), (dst, 0))
 replies, resets = 0, 0
 deadline = time.monotonic() + 1.0
 while (left := deadline - time.monotonic()) > 0:
     if not select.select([raw], [], [], left)[0]:
         break
     pkt, (addr, _) = raw.recvfrom(65535)
-    ihl = (pkt[0] & 0x0F) * 4
-    s, d, _, _, _, flags = struct.unpack("!HHIIBB", pkt[ihl:ihl + 14])
+    s, d, _, _, _, flags = tcp_header(pkt)
     if addr == dst and s == port and d == sport:
         replies += 1
         resets += bool(flags & 0x04)

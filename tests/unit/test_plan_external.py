@@ -179,3 +179,44 @@ def test_service_changes_from_the_api_update_and_remove_rules(tmp_path: Path,
             assert "DNSGUARD" not in xt.save("iptables-legacy", "nat")
         finally:
             src.stop()
+
+
+class Recording:
+    """A runner that records what each restore was asked to do."""
+
+    def __init__(self, inner: FakeXtables) -> None:
+        self.inner = inner
+        self.restores: list[str] = []
+
+    def run(self, argv: Any, *, stdin: str | None = None, timeout: float = 30.0) -> Any:
+        if argv[0].endswith("-restore"):
+            self.restores.append(stdin or "")
+        return self.inner.run(argv, stdin=stdin, timeout=timeout)
+
+
+def test_a_service_change_is_a_partial_sync_of_the_chains_it_touches() -> None:
+    rec = Recording(FakeXtables())
+    nf = Netfilter(rec, Backend.IPTABLES_LEGACY, (Family.V4,))
+    nf.apply(plan(facts(WEB, DNS), ONLY_EXT))
+    rec.restores.clear()
+    moved = ExternalService(DNS.key, DNS.cluster_ips, DNS.ports, (ip("198.19.5.7"),))
+    p = plan(facts(WEB, moved), ONLY_EXT)
+    assert nf.apply(p) == ["ipv4/nat"]
+    [text] = rec.restores
+    declared = [ln for ln in text.splitlines() if ln.startswith(":")]
+    # the dispatch chains change; neither Service's own chain, nor the hooks
+    assert declared == [":DNSGUARD-PREROUTING - [0:0]", ":DNSGUARD-OUTPUT - [0:0]"]
+    assert " PREROUTING " not in text and " OUTPUT " not in text
+    assert nf.drift(p) == []
+    # a Service gone: its chain is deleted in the same transaction, the other is not touched
+    rec.restores.clear()
+    p = plan(facts(WEB), ONLY_EXT)
+    nf.apply(p)
+    [text] = rec.restores
+    dns4 = "DNSGUARD-" + sub_chain(DNS.key, Family.V4)
+    declared = [ln for ln in text.splitlines() if ln.startswith(":")]
+    assert declared == [":DNSGUARD-PREROUTING - [0:0]", ":DNSGUARD-OUTPUT - [0:0]",
+                        f":{dns4} - [0:0]"]  # flushed, then deleted
+    assert f"-X {dns4}" in text and f"-A {dns4}" not in text
+    assert f"-A DNSGUARD-{sub_chain(WEB.key, Family.V4)}" not in text
+    assert nf.drift(p) == []

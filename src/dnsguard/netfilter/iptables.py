@@ -141,18 +141,29 @@ def _rules_reason(name: str, want: Sequence[Tokens], have: Sequence[Tokens]) -> 
 
 
 def restore_text(table: Table, want: TableState, have: TableState) -> str:
-    """One transaction that turns ``have`` into ``want`` for a table, touching nothing else."""
+    """One transaction that turns ``have`` into ``want`` for a table, touching nothing else.
+
+    Partial, as kube-proxy's partial syncs: only chains whose rules differ are declared (which
+    flushes them) and rewritten, and the jumps from built-in chains only when they differ; a
+    chain the kernel already holds as planned is not mentioned, so with ``--noflush`` it stays
+    as it is. One Service change among 10k rewrites its own chains, not all of them.
+    """
     stale = sorted(set(have.chains) - set(want.chains))
+    changed = [name for name, rules in want.chains.items() if have.chains.get(name) != rules]
+    rejump = ({h: j for h, j in want.jumps.items() if j}
+              != {h: j for h, j in have.jumps.items() if j})
     lines = [f"*{table.value}"]
-    lines += [f":{name} - [0:0]" for name in (*want.chains, *stale)]
-    for hook in sorted(have.jumps):
-        for _, tokens in have.jumps[hook]:
-            lines.append(format_iptables_line(("-D", *tokens[1:])))
-    for rules in want.chains.values():
-        lines += [format_iptables_line(r) for r in rules]
-    for hook in sorted(want.jumps):
-        for _, tokens in want.jumps[hook]:
-            lines.append(format_iptables_line(("-I", hook, "1", *tokens[2:])))
+    lines += [f":{name} - [0:0]" for name in (*changed, *stale)]
+    if rejump:
+        for hook in sorted(have.jumps):
+            for _, tokens in have.jumps[hook]:
+                lines.append(format_iptables_line(("-D", *tokens[1:])))
+    for name in changed:
+        lines += [format_iptables_line(r) for r in want.chains[name]]
+    if rejump:
+        for hook in sorted(want.jumps):
+            for _, tokens in want.jumps[hook]:
+                lines.append(format_iptables_line(("-I", hook, "1", *tokens[2:])))
     lines += [f"-X {name}" for name in stale]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
