@@ -4,6 +4,7 @@ and facts that follow a Service change from the (fake) API server."""
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from dnsguard.model import (
 from dnsguard.netfilter import Netfilter
 from dnsguard.plan import PlanRefused, plan
 from dnsguard.plan.external import sub_chain
+from dnsguard.plan.render import parse_iptables_line
 from dnsguard.testing.fake_apiserver import FakeApiServer
 from dnsguard.testing.fakes import FakeXtables
 
@@ -220,3 +222,16 @@ def test_a_service_change_is_a_partial_sync_of_the_chains_it_touches() -> None:
     assert f"-X {dns4}" in text and f"-A {dns4}" not in text
     assert f"-A DNSGUARD-{sub_chain(WEB.key, Family.V4)}" not in text
     assert nf.drift(p) == []
+
+
+@pytest.mark.parametrize("line", [
+    '-A DNSGUARD-INPUT -p tcp -m comment --comment "dnsguard: a b" -m conntrack --ctstate INVALID -j DROP',
+    '-A X -m comment --comment "" -j ACCEPT',
+    '-A X -m comment --comment "it\\\'s" -j ACCEPT',
+    "-A X -m comment --comment 'single quoted' -j ACCEPT",
+    '-A X -m comment --comment "a\\\\b" -j ACCEPT',
+    '-A X -m comment --comment ab"cd" -j ACCEPT',
+    '-A X   -j   ACCEPT  ',
+])
+def test_fast_tokenizer_agrees_with_shlex(line: str) -> None:
+    assert parse_iptables_line(line) == tuple(shlex.split(line, posix=True))

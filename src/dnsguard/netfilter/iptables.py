@@ -56,6 +56,9 @@ def parse_save(text: str) -> Tables:
     tables: Tables = {}
     state: TableState | None = None
     positions: dict[str, int] = {}
+    # appended to lists, made tuples at the end: a chain may hold tens of thousands of rules
+    rules: dict[tuple[Table, str], list[Tokens]] = {}
+    table = Table.FILTER
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("*"):
@@ -73,13 +76,17 @@ def parse_save(text: str) -> Tables:
             if name.startswith(CHAIN_PREFIX):
                 state.chains.setdefault(name, ())
         elif line.startswith("-A "):
+            chain = line.split(None, 2)[1]
+            if not chain.startswith(CHAIN_PREFIX) and chain not in _BUILTIN:
+                continue  # kube-proxy's KUBE-* chains: not ours, not worth tokenizing
             tokens = parse_iptables_line(line)
-            chain = tokens[1]
             positions[chain] = positions.get(chain, 0) + 1
             if chain.startswith(CHAIN_PREFIX):
-                state.chains[chain] = (*state.chains.get(chain, ()), tokens)
+                rules.setdefault((table, chain), []).append(tokens)
             elif chain in _BUILTIN and _jump_target(tokens).startswith(CHAIN_PREFIX):
                 state.jumps[chain] = (*state.jumps.get(chain, ()), (positions[chain], tokens))
+    for (tbl, chain), found in rules.items():
+        tables[tbl].chains[chain] = tuple(found)
     return {t: s for t, s in tables.items() if not s.empty}
 
 

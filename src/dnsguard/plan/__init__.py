@@ -108,16 +108,13 @@ def _merge(p: Plan, family: Family, extra: list[Chain]) -> Plan:
     """Append ``extra``'s rules to the same chains of ``family``, adding chains not there yet."""
     if not extra:
         return p
-    chains = list(p.for_family(family).chains)
-    for add in extra:
-        for i, chain in enumerate(chains):
-            if chain.name == add.name and chain.table is add.table:
-                chains[i] = replace(chain, rules=(*chain.rules, *add.rules))
-                break
-        else:
-            chains.append(add)
+    chains = {(c.table, c.name): c for c in p.for_family(family).chains}
+    for add in extra:  # a dict, not a scan: 10k Services bring 10k chains
+        key = (add.table, add.name)
+        have = chains.get(key)
+        chains[key] = add if have is None else replace(have, rules=(*have.rules, *add.rules))
     rulesets = {rs.family: rs for rs in p.rulesets}
-    rulesets[family] = Ruleset(family, tuple(chains))
+    rulesets[family] = Ruleset(family, tuple(chains.values()))
     return replace(p, rulesets=tuple(rulesets[f] for f in sorted(rulesets, key=lambda f: f.value)))
 
 

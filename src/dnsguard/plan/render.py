@@ -7,6 +7,7 @@ plan token by token; the integration tests prove the round trip on every backend
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable, Sequence
 
@@ -131,8 +132,17 @@ def format_iptables_line(tokens: Sequence[str]) -> str:
     return " ".join(out)
 
 
+#: a bare word or a double-quoted string: all iptables-save prints without backslashes and
+#: single quotes (shlex, for the rest, takes ~100 us a line: seconds at 40k rules)
+_TOKEN = re.compile(r'"([^"]*)"(?=\s|$)|([^\s"]+)(?=\s|$)')
+
+
 def parse_iptables_line(line: str) -> Tokens:
     """Inverse of `format_iptables_line` for lines printed by iptables-save."""
+    if "\\" not in line and "'" not in line:
+        matches = list(_TOKEN.finditer(line))
+        if sum(m.end() - m.start() for m in matches) + len(matches) - 1 == len(line.strip()):
+            return tuple(m.group(1) if m.group(1) is not None else m.group(2) for m in matches)
     return tuple(shlex.split(line, comments=False, posix=True))
 
 
