@@ -31,10 +31,11 @@ MODES = [
 
 
 def node_like(lab: Lab) -> Lab:
-    """Give the lab node a route to the Service range, as a real node's default route does:
-    without one, host-network lookups to the ClusterIP fail before kube-proxy's DNAT (the lab
-    has no uplink on purpose), and doctor's own probe rightly reports DNS unreachable."""
-    lab.node_run(["ip", "route", "add", "198.18.1.0/24", "dev", "br0"])
+    """The lab node must route the Service range, as a real node's default route does: without
+    it host-network lookups to the ClusterIP fail before kube-proxy's DNAT, and doctor's own
+    probe rightly reports DNS unreachable. The lab adds that route itself; check it is there."""
+    routes = lab.node_run(["ip", "route", "show", "198.18.1.0/24"]).stdout
+    assert "dev br0" in routes, routes
     return lab
 
 
