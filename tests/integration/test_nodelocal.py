@@ -322,3 +322,26 @@ time.sleep(120)
 """
 
 assert socket  # used by SQUAT's child, imported here for linters reading the string
+
+
+def test_rolling_restart_under_load_fails_no_lookup(tmp_path: Path) -> None:
+    """What a DaemonSet rolling update does: SIGTERM the agent, start a new one, under load."""
+    mode, flavour, _ = VARIANTS["iptables-nft"]
+    with Lab(LabConfig(proxy_mode=mode, iptables=flavour)) as lab:  # type: ignore[arg-type]
+        args = nodelocal_args(lab, tmp_path / "state")
+        old = start_agent(lab, args, tmp_path / "old.log")
+        wait_for(lambda: _cache(lab, args).get("intercepting") is True, timeout=20)
+        timelines = [Timeline(lab, i, seconds=12, gap=0.01) for i in range(len(lab.pod_netns))]
+        time.sleep(2)
+        assert stop_agent(old) == 0
+        new = start_agent(lab, args, tmp_path / "new.log")
+        try:
+            took = wait_for(lambda: _cache(lab, args).get("intercepting") is True, timeout=20)
+            samples = [s for t in timelines for s in t.result()]
+        finally:
+            stop_agent(new)
+        failed = [s for s in samples if not s[2]]
+        slow = [s for s in samples if s[1] - s[0] >= 1.0]
+        print(f"\nrolling restart under load: new agent intercepting after {took:.2f}s; "
+              f"{len(samples)} lookups, {len(failed)} failed, {len(slow)} >=1s")
+        assert not failed and not slow
