@@ -257,7 +257,9 @@ class IptablesBackend:
 
     def _restore(self, family: Family, text: str) -> None:
         tool = self._tool(family, "restore")
+        # iptables-nft-restore takes ~0.5 ms a rule: a full sync of 10k Services' 40k rules
+        # must not time out, so the limit grows with the transaction
         res = self.runner.run([tool, f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], stdin=text,
-                              timeout=LOCK_WAIT_SECONDS + 25)
+                              timeout=LOCK_WAIT_SECONDS + 25 + text.count("\n") / 500)
         if not res.ok:
             raise restore_error(tool, res.stderr, text)
