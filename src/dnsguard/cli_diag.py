@@ -17,7 +17,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO, cast
 
-from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
+from dnsguard.config import ConfigError, Settings, add_fact_flags, parse_ip, settings_from
 from dnsguard.diagnose import (
     EXIT_CRITICAL,
     EXIT_OK,
@@ -116,13 +115,6 @@ def _number(flag: str, raw: str, *, minimum: float, integer: bool = False) -> fl
     return value
 
 
-def _ip(flag: str, raw: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(raw)
-    except ValueError:
-        raise ConfigError(f"invalid {flag} {raw!r}: not an IPv4 or IPv6 address") from None
-
-
 def _names(args: argparse.Namespace) -> tuple[str, ...]:
     if args.names is not None:
         if args.name:
@@ -164,14 +156,14 @@ def probe_config(args: argparse.Namespace, settings: Settings) -> ProbeConfig:
     server: IPAddress | None = None
     if via == "wire":
         if args.server is not None:
-            server = _ip("--server", args.server)
+            server = parse_ip("--server", args.server)
         elif settings.dns_ips:
             server = settings.dns_ips[0]
         else:
             assert resolv is not None
             if not resolv.nameservers:
                 raise ConfigError(f"no --server given and no nameserver in {args.resolv_conf}")
-            server = _ip(f"nameserver in {args.resolv_conf}", resolv.nameservers[0])
+            server = parse_ip(f"nameserver in {args.resolv_conf}", resolv.nameservers[0])
     elif args.server is not None or args.search:
         raise ConfigError("--via getaddrinfo uses the system resolver: "
                           "--server and --search do not apply")

@@ -136,7 +136,8 @@ def _choice(flag: str, raw: str, choices: Sequence[str]) -> str:
     return raw
 
 
-def _ip(flag: str, raw: str) -> IPAddress:
+def parse_ip(flag: str, raw: str) -> IPAddress:
+    """An address from a flag or env value; ConfigError names the flag and the value."""
     try:
         return ipaddress.ip_address(raw)
     except ValueError:
@@ -246,13 +247,13 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     if (raw := _raw(ns, env, "--backend")) is not None:
         b = _choice("--backend", str(raw), ["auto", *(m.value for m in Backend)])
         kwargs["backend"] = "auto" if b == "auto" else Backend(b)
-    kwargs["dns_ips"] = _dedup([_ip("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
+    kwargs["dns_ips"] = _dedup([parse_ip("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
     kwargs["pod_cidrs"] = _dedup(
         [_cidr("--pod-cidr", v) for v in _items(_raw(ns, env, "--pod-cidr"))])
     if (raw := _raw(ns, env, "--sync-interval")) is not None:
         kwargs["sync_interval"] = _seconds("--sync-interval", str(raw), 0.1)
     if local := _items(_raw(ns, env, "--local-ip")):
-        kwargs["local_ips"] = _dedup([_ip("--local-ip", v) for v in local])
+        kwargs["local_ips"] = _dedup([parse_ip("--local-ip", v) for v in local])
     kwargs["upstreams"] = _dedup(
         [_endpoint("--upstream", v) for v in _items(_raw(ns, env, "--upstream"))])
     if (raw := _raw(ns, env, "--cluster-domain")) is not None:
