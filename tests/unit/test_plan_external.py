@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from dnsguard.cli import render_plan
-from dnsguard.config import Settings
-from dnsguard.kube import Backoff, KubeSource
+from dnsguard.config import ConfigError, Settings
+from dnsguard.facts import Observed, observe, with_cluster
+from dnsguard.kube import Backoff, ClusterFacts, KubeSource
 from dnsguard.kube.extract import service_external
 from dnsguard.model import (
     Backend,
@@ -31,7 +32,7 @@ from dnsguard.plan import PlanRefused, plan
 from dnsguard.plan.external import sub_chain
 from dnsguard.plan.render import parse_iptables_line
 from dnsguard.testing.fake_apiserver import FakeApiServer
-from dnsguard.testing.fakes import FakeXtables
+from dnsguard.testing.fakes import FakeRunner, FakeXtables
 
 GOLDEN = Path(__file__).parent / "golden"
 ip = ipaddress.ip_address
@@ -235,3 +236,13 @@ def test_a_service_change_is_a_partial_sync_of_the_chains_it_touches() -> None:
 ])
 def test_fast_tokenizer_agrees_with_shlex(line: str) -> None:
     assert parse_iptables_line(line) == tuple(shlex.split(line, posix=True))
+
+
+def test_api_facts_reach_the_planner_and_the_flag_needs_the_api(monkeypatch) -> None:
+    obs = Observed(facts(), Backend.IPTABLES_LEGACY, ())
+    cf = ClusterFacts((), (), (), "", (WEB,))
+    _, f = with_cluster(ONLY_EXT, obs, cf)
+    assert f.external_services == (WEB,)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="--external-to-cluster needs the Kubernetes API"):
+        observe(ONLY_EXT, FakeRunner())
