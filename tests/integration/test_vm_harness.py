@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_static_busybox_detection():
 
 def test_cwd_the_guest_hides_is_refused():
     with pytest.raises(ValueError, match="mounts anew"):
-        vm.run("true", cwd="/tmp")
+        vm.run("true", cwd="/run")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ check ipvsadm bash -c 'ip netns exec x ipvsadm -A -u 198.18.1.10:53 -s rr \
 check iptables_notrack bash -c '
     ip netns exec x iptables -t raw -A PREROUTING -p udp --dport 53 -j CT --notrack \
     && ip netns exec x iptables -t raw -S PREROUTING'
-check tmp_is_tmpfs bash -c '[ "$(stat -f -c %T /tmp)" = tmpfs ]'
+check tmp_overlay bash -c 'test -f "$HOST_TMP_MARKER" && echo guest > "/tmp/$TOKEN-guest" \
+    && test -f "/tmp/$TOKEN-guest"'
 check run_is_tmpfs bash -c '[ "$(stat -f -c %T /run)" = tmpfs ]'
 check pwd pwd
 check env bash -c 'printf "%s" "$DNSGUARD_VM_TEST_VALUE"'
@@ -153,7 +155,7 @@ EXPECTED_CHECKS = [
     "netns_dummy",
     "ipvsadm",
     "iptables_notrack",
-    "tmp_is_tmpfs",
+    "tmp_overlay",
     "run_is_tmpfs",
     "pwd",
     "env",
@@ -188,6 +190,7 @@ class Checks:
 def checks(kernel, tmp_path_factory) -> Checks:
     out = tmp_path_factory.mktemp("vm-out")
     token = f"dnsguard-vm-test-{uuid.uuid4().hex}"
+    marker = Path(tempfile.mkstemp(prefix="dnsguard-vm-marker-", dir="/tmp")[1])
     result = vm.run(
         CHECKS,
         timeout=300,
@@ -198,8 +201,10 @@ def checks(kernel, tmp_path_factory) -> Checks:
             "TOKEN": token,
             "HOST_PYTHON": sys.executable,
             "DNSGUARD_VM_TEST_VALUE": "a b'c$HOME",
+            "HOST_TMP_MARKER": str(marker),
         },
     )
+    marker.unlink()
     return Checks(result, out, token)
 
 
@@ -233,7 +238,8 @@ def test_iptables_notrack_in_a_netns(checks):
 
 @pytest.mark.vm
 def test_guest_mounts(checks):
-    checks.ok("tmp_is_tmpfs")
+    checks.ok("tmp_overlay")  # the host's /tmp is visible (a CI clone may live there)...
+    assert not Path(f"/tmp/{checks.token}-guest").exists()  # ...and guest writes stay there
     checks.ok("run_is_tmpfs")
 
 

@@ -32,7 +32,8 @@ Design
   ``modules`` is the extracted ``lib/modules/<version>``, mounted at ``/lib/modules/<version>``
   so ``modprobe`` (the host's kmod) works. ``job`` is a host temp dir, read-write: the script,
   its environment and cwd go in, its exit code, output, dmesg and ``$DNSGUARD_VM_OUT`` come out.
-  The guest has fresh /proc, /sys, /dev (devtmpfs, pts, shm), /run and /tmp (tmpfs), and
+  The guest has fresh /proc, /sys, /dev (devtmpfs, pts, shm) and /run (tmpfs); /tmp is the
+  host's, read-only under the overlay (a checkout there is visible, writes stay in RAM); and
   cgroup2; ``/var/run/netns`` works for ``ip netns add``. There is no network device
   (``-nic none``): nothing the guest does touches the host's network.
 * Exit code: the init script (PID 1 in the guest) is the parent of the script's bash and writes
@@ -146,7 +147,7 @@ PASSTHROUGH_ENV = (
 )
 
 # Host paths the guest mounts its own filesystems over: a cwd below them wouldn't exist there.
-GUEST_MASKED = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/run")
+GUEST_MASKED = ("/proc", "/sys", "/dev", "/run", "/var/run")
 
 KERNEL_CMDLINE = (
     "console=ttyS0",

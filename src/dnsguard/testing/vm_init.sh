@@ -62,7 +62,8 @@ stage1() {
         mount --move "/$d" "/newroot/$d" || die "move /$d"
     done
     mount -t tmpfs -o mode=0755,nosuid,nodev run /newroot/run || die "mount /run"
-    mount -t tmpfs -o mode=1777,nosuid,nodev tmp /newroot/tmp || die "mount /tmp"
+    # /tmp stays part of the overlay: a checkout under the host's /tmp (a CI clone) is visible
+    # in the guest, and what the guest writes there lands in the overlay's RAM, not the host
     mkdir -p /newroot/dev/pts /newroot/dev/shm /newroot/run/lock /newroot/run/netns
     mount -t devpts -o mode=0620,ptmxmode=0666 devpts /newroot/dev/pts || die "mount devpts"
     mount -t tmpfs -o mode=1777,nosuid,nodev shm /newroot/dev/shm || die "mount /dev/shm"
