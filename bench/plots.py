@@ -94,6 +94,7 @@ def write_plots(doc: Doc, out_dir: Path, stem: str) -> list[Path]:
     if runs and scenarios:
         fig, ax = plt.subplots(figsize=(10, 3.8))
         width = 0.8 / len(names)
+        top = 1
         for j, path_name in enumerate(names):
             xs, dns, gen = [], [], []
             for i, sc in enumerate(scenarios):
@@ -109,12 +110,18 @@ def write_plots(doc: Doc, out_dir: Path, stem: str) -> list[Path]:
                 ax.bar(xs, dns, width=width, label=path_name, color=color)
                 ax.bar(xs, gen, width=width, bottom=dns, color="white", edgecolor=color,
                        hatch="////", linewidth=0.5)
+                for x, d, g in zip(xs, dns, gen, strict=True):
+                    top = max(top, d + g)
+                    if d + g:
+                        ax.text(x, (d + g) * 1.1, str(d + g), ha="center", va="bottom",
+                                fontsize=6)
         ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(0, top * 4)  # room for the counts and the legend above the bars
         ax.set_xticks(range(len(scenarios)))
         ax.set_xticklabels(scenarios, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("lookups >= 1 s (incl. timeouts)")
         ax.set_title("slow lookups per scenario (hatched: load generator starved)")
-        ax.legend(fontsize=7, ncols=3)
+        ax.legend(fontsize=7, ncols=5, loc="upper center")
         ax.grid(True, axis="y", linewidth=0.3)
         fig.tight_layout()
         path = out_dir / f"slow-{stem}.png"

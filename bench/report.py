@@ -112,6 +112,50 @@ def _rows(doc: Doc, tail: bool) -> list[list[str]]:
     return rows
 
 
+def _rounds(doc: Doc) -> str:
+    """The per-round rates behind merged rows: how much this machine moved within the run."""
+    lines = [f"{r['path']} {' / '.join(f'{x:,.0f}' for x in r['round_rates'])}"
+             for r in doc.get("runs", []) if r.get("round_rates")]
+    if not lines:
+        return ""
+    rounds = max(len(r.get("round_rates") or ()) for r in doc.get("runs", []))
+    return (f"Rows merged from {rounds} interleaved rounds; lookups/s per round: "
+            + "; ".join(lines) + ".\n")
+
+
+_EVENT_LABELS = {
+    "kill_at_seconds": "bench: kill -9 of unbound",
+    "sigterm_at_seconds": "bench: SIGTERM to the agent",
+    "agent_exited_at_seconds": "bench: the agent has exited; starting a new one",
+    "intercepting_again_at_seconds": "bench: `dnsguard status` confirms interception (the "
+                                     "command itself takes 1-3 s here)",
+}
+
+
+def _timelines(doc: Doc) -> str:
+    """What happened when, in the runs with an event: our action, then the agent's log."""
+    parts = []
+    for r in doc.get("runs", []):
+        ev = r.get("event")
+        if r.get("status") != "ok" or not isinstance(ev, dict):
+            continue
+        marks = [(float(v), _EVENT_LABELS.get(k, k)) for k, v in ev.items()
+                 if k.endswith("_at_seconds")]
+        marks += [(float(t), str(msg)) for t, msg in ev.get("agent_log", [])
+                  if "detected" not in str(msg) and "differs from plan" not in str(msg)]
+        slow = [s for s in r["stats"].get("slow", []) if s[2] != "ok" or (s[1] or 0) >= 1.0]
+        if slow:
+            first, last = slow[0][0], slow[-1][0]
+            marks.append((float(first), f"first of {len(slow)} slow or unanswered lookups "
+                          f"starts (last starts at {last:.3f} s)"))
+        lines = "".join(f"    {t:7.3f} s  {m}\n" for t, m in sorted(marks))
+        parts.append(f"`{r['scenario']}` on {r['path']} (seconds from the start of the load):"
+                     f"\n\n{lines}\n")
+    if not parts:
+        return ""
+    return "### Restart timelines\n\n" + "".join(parts)
+
+
 def _targets(doc: Doc) -> str:
     rows = []
     for t in doc.get("targets", []):
@@ -237,8 +281,10 @@ def render(doc: Doc) -> str:
         "listen drops: the cache's upstream connections dnsmasq could not accept.\n",
         markdown_table(SPEED_HEADER, _rows(doc, tail=False),
                        "ll" + "r" * (len(SPEED_HEADER) - 2)),
+        _rounds(doc),
         "Slow and lost lookups, and the counters that explain them:\n",
         markdown_table(TAIL_HEADER, _rows(doc, tail=True), "ll" + "r" * (len(TAIL_HEADER) - 2)),
+        _timelines(doc),
         "## Conntrack entries per lookup\n",
         f"Measured apart, with {doc.get('calibration_lookups', '?')} lookups at low "
         "concurrency from one pod so that random source ports (almost) never repeat: at the "
@@ -278,9 +324,10 @@ def _generator(doc: Doc) -> str:
         if any(r.get("status") == "ok" for r in doc.get("runs", [])) else None
     text = (f"One probe process ({c['concurrency']} lookups in flight, one pod, against the "
             f"reference cache) drove {c['lookups_per_second']:,.0f} lookups/s using "
-            f"{c['generator_cores']:.2f} cores: that is one generator process's ceiling on this "
-            "machine with the fastest server available.")
+            f"{c['generator_cores']:.2f} of a core: even alone and with 64 lookups in flight it "
+            "waits for answers more than for CPU.")
     if busiest is not None:
-        text += (f" In the scenarios, the busiest worker process used {busiest[0]:.2f} cores "
-                 f"({busiest[2]} on {busiest[1]}).")
+        text += (f" In the scenarios no worker process used more than {busiest[0]:.2f} of a core "
+                 f"({busiest[2]} on {busiest[1]}), so the load generator was not the bottleneck; "
+                 "the limit is the two cores that generator, kernel and DNS servers share.")
     return text + "\n"

@@ -35,7 +35,8 @@ def _rate(run: Mapping[str, Any] | None) -> float | None:
     return float(v) if v is not None else None
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
+def _fmt(x: float | None, digits: int = 3) -> str:
+    """Three digits: a verdict against 0.9 must not hinge on a value printed as 0.90."""
     return "n/a" if x is None else f"{x:.{digits}f}x"
 
 
