@@ -167,6 +167,9 @@ class LabConfig:
     names: int = 16
     #: dnsmasq logs every query to its log file; handy when debugging, slow under load.
     log_queries: bool = False
+    #: TTL of the CoreDNS pods' answers; CoreDNS's kubernetes plugin answers with 5 s (dnsmasq's
+    #: own default, 0, would make every answer uncacheable for a node-local cache)
+    answer_ttl: int = 5
 
     def __post_init__(self) -> None:
         if self.iptables not in ("legacy", "nft"):
@@ -843,6 +846,7 @@ class Lab:
             # NXDOMAIN, and so is everything else, as a real upstream would answer; the
             # lab never forwards anywhere.
             f"--local=/{CLUSTER_DOMAIN}/", "--local=/#/",
+            f"--local-ttl={self.config.answer_ttl}",
         ]
         argv += [f"--listen-address={dns_pod_ip(i, f)}" for f in self.families]
         if self.config.log_queries:
