@@ -19,9 +19,8 @@ Counters are read from the host without entering namespaces: ``/proc/PID/net/...
 namespace of PID. The node namespace of a baseline lab has no process, so each node gets an
 idle *anchor* (``sleep``) whose PID names its namespace; the lab ends it with everything else.
 
-The lab's dnsmasq answers with TTL 0 by default (its ``--local-ttl``), which no cache can
-cache; CoreDNS's kubernetes plugin answers with TTL 5 s. `BenchLab` adds ``--local-ttl=5``
-so a cache behaves as in a cluster; the kube-proxy paths, which cache nothing, are unaffected.
+The lab's CoreDNS pods answer with `ANSWER_TTL` (``LabConfig.answer_ttl``), CoreDNS's own 5 s:
+dnsmasq's default of 0 would make every answer uncacheable for the node-local cache.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ from dnsguard.testing.lab import (
     service_fqdn,
 )
 
-__all__ = ["ANSWER_TTL", "BenchLab", "PathNode", "Snapshot"]
+__all__ = ["ANSWER_TTL", "PathNode", "Snapshot"]
 
 log = logging.getLogger("bench.node")
 
@@ -71,13 +70,6 @@ REPO = Path(__file__).resolve().parent.parent
 SRC = Path(dnsguard.__file__).resolve().parent.parent
 #: Seconds given to worker start-up before the agreed start (4 interpreters on 2 cores).
 START_LEAD = 2.0
-
-
-class BenchLab(Lab):
-    """The lab with CoreDNS's answer TTL instead of dnsmasq's 0 (see the module docstring)."""
-
-    def _dnsmasq_argv(self, i: int) -> list[str]:
-        return [*super()._dnsmasq_argv(i), f"--local-ttl={ANSWER_TTL}"]
 
 
 @dataclass(frozen=True)
@@ -154,9 +146,9 @@ class PathNode:
         self.spec = spec
         self.start_lead = start_lead
         flavour: IptablesFlavour = "nft" if iptables == "nft" else "legacy"
-        self.lab = BenchLab(LabConfig(proxy_mode=spec.proxy_mode, iptables=flavour, pods=pods,
-                                      dns_servers=2, names=services),
-                            workdir=workdir / spec.name)
+        self.lab = Lab(LabConfig(proxy_mode=spec.proxy_mode, iptables=flavour, pods=pods,
+                                 dns_servers=2, names=services, answer_ttl=ANSWER_TTL),
+                       workdir=workdir / spec.name)
         self.workdir = workdir / spec.name
         self.state = self.workdir / "state"
         self.agent: subprocess.Popen[str] | None = None

@@ -44,13 +44,13 @@ from typing import Any
 
 from bench import footprint, plots, report, rulesync, targets
 from bench.ipvs import run_in_vm
-from bench.node import ANSWER_TTL, BenchLab, PathNode, Snapshot, worker_env
+from bench.node import ANSWER_TTL, PathNode, Snapshot, worker_env
 from bench.results import CT_COUNTERS, WorkerOutput, counter_deltas, summarize_load
 from bench.spec import PATHS, Load, Profile, Scenario, lookup_names, profile
 from bench.sysctl import ConntrackLimits, SysctlRefused, read_limits
 from dnsguard.model import Backend
 from dnsguard.testing import vm
-from dnsguard.testing.lab import LabConfig, LabError
+from dnsguard.testing.lab import Lab, LabConfig, LabError
 
 __all__ = ["main"]
 
@@ -395,7 +395,8 @@ class Bench:
 
     def rule_sync(self, workdir: Path) -> None:
         rows = []
-        lab = BenchLab(LabConfig(pods=1, dns_servers=1, names=1), workdir=workdir / "rulesync")
+        lab = Lab(LabConfig(pods=1, dns_servers=1, names=1, answer_ttl=ANSWER_TTL),
+                  workdir=workdir / "rulesync")
         with lab:
             for backend in (Backend.IPTABLES_LEGACY, Backend.IPTABLES_NFT):
                 for n in self.prof.rule_counts:
