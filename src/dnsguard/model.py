@@ -25,6 +25,8 @@ NFT_TABLE = "dnsguard"
 #: When the agent or the cache dies, entries age out within this many seconds and DNS falls back
 #: to kube-proxy's path with no process needed.
 ALIVE_SECONDS = 2
+#: DNS over UDP and TCP
+DNS_PORT = 53
 
 
 class Family(enum.Enum):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,35 @@ def test_combines_with_drop_invalid_and_nodelocal_fallback() -> None:
     # the node-local fallback DNAT first, then the dispatch to the Service's chain
     assert "falls back" in nat_pre.rules[0].comment
     assert "external IP" in nat_pre.rules[-1].comment
+
+
+def _dnat_ports(p: object, family: Family = Family.V4) -> set[tuple[str, int]]:
+    """(Service, port) pairs the plan DNATs to a ClusterIP."""
+    return {(r.comment.split()[1], r.match.dport or 0)
+            for c in p.for_family(family).chains_in(Table.NAT)  # type: ignore[attr-defined]
+            for r in c.rules if r.verdict.name == "DNAT"}
+
+
+def test_with_notrack_the_dns_service_port_53_is_left_out() -> None:
+    """notrack untracks the DNS pods' replies: a DNATed query's reply could not be un-NATed.
+
+    The cluster DNS Service's port 53 is left out; its other ports and other Services stay.
+    Without known DNS endpoints any pod's port-53 reply is untracked, so every port 53 is left
+    out; with endpoints known, another Service's port 53 keeps its DNAT.
+    """
+    kube_dns = ExternalService("kube-system/kube-dns", (ip("198.18.1.10"),),
+                               (ServicePort(Proto.UDP, 53), ServicePort(Proto.TCP, 53),
+                                ServicePort(Proto.TCP, 9153)), (ip("198.19.5.53"),))
+    f = NodeFacts(proxy_mode=ProxyMode.IPVS, dns_ips=(ip("198.18.1.10"),), pod_cidrs=CIDRS,
+                  families=DUAL, external_services=(kube_dns, DNS, WEB),
+                  dns_endpoints=(ip("198.18.0.101"),))
+    notrack = Settings(mitigation=Mitigation.NOTRACK, external_to_cluster=True)
+    assert _dnat_ports(plan(f, notrack)) == {
+        ("kube-system/kube-dns", 9153), ("infra/dns", 53), ("shop/web", 80), ("shop/web", 443)}
+    assert ("kube-system/kube-dns", 53) in _dnat_ports(plan(f, ONLY_EXT))  # tracked: kept
+    unknown = replace(f, dns_endpoints=())
+    assert _dnat_ports(plan(unknown, notrack)) == {
+        ("kube-system/kube-dns", 9153), ("shop/web", 80), ("shop/web", 443)}
 
 
 def _xt_plan() -> tuple[FakeXtables, Netfilter]:

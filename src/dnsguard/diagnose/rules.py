@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from dnsguard.diagnose.findings import Finding, Severity
 from dnsguard.diagnose.samples import RulesSample, RuleText
-from dnsguard.model import IPAddress, IPNetwork
+from dnsguard.model import DNS_PORT, IPAddress, IPNetwork
 
 __all__ = [
     "NotrackRule",
@@ -44,7 +44,6 @@ __all__ = [
     "xt_notrack_rules",
 ]
 
-DNS_PORT = 53
 Ports = tuple[tuple[int, int], ...]
 
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dnsguard.model import ExternalService, IPAddress, IPNetwork, Proto, ServicePort
+from dnsguard.model import DNS_PORT, ExternalService, IPAddress, IPNetwork, Proto, ServicePort
 
 __all__ = ["endpoint_key", "node_pod_cidrs", "object_key", "service_cluster_ips",
            "service_external", "slice_dns_endpoints"]
@@ -26,7 +26,6 @@ Endpoint = tuple[IPAddress, int]
 
 #: The port of the kube-dns Service that carries UDP DNS (CoreDNS and kube-dns both name it so).
 DNS_PORT_NAME = "dns"
-DNS_PORT = 53
 
 
 def _dict(value: object) -> Mapping[str, Any]:

@@ -23,6 +23,7 @@ from ipaddress import ip_network
 
 from dnsguard.config import Settings
 from dnsguard.model import (
+    DNS_PORT,
     Chain,
     CtState,
     Family,
@@ -43,7 +44,6 @@ from dnsguard.plan.cache import CacheSpec
 
 __all__ = ["DNS_PORT", "Plan", "PlanRefused", "plan"]
 
-DNS_PORT = 53
 
 
 class PlanRefused(ValueError):
@@ -87,7 +87,9 @@ def plan(facts: NodeFacts, settings: Settings) -> Plan:
         if family not in facts.families:
             continue
         if settings.external_to_cluster:
-            p = _merge(p, family, external.external_chains(facts, family))
+            untracked = settings.mitigation is Mitigation.NOTRACK
+            p = _merge(p, family, external.external_chains(facts, family,
+                                                           untracked_dns=untracked))
         if settings.drop_invalid_input:
             p = _merge(p, family, [Chain(Table.FILTER, Hook.INPUT, (_DROP_INVALID,))])
     return p

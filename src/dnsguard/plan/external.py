@@ -14,6 +14,12 @@ Layout, as kube-proxy's: one dispatch rule per (external IP, port[, pod range]) 
 ``namespace/name`` and the family, so a Service keeps its chain name across changes and a
 change to one Service rewrites only its own chain's rules and its dispatch rules.
 
+With ``--mitigation notrack`` the DNS pods' replies to pods are untracked, so a reply to a
+DNATed query could not be un-NATed back to the external IP the pod asked: the cluster DNS
+Service's port 53 is then left out (pods reach its external IP the way they did before), and
+so is every port 53 when the DNS endpoints are unknown (then any pod's port-53 reply is
+untracked).
+
 Refused in iptables and nftables modes: kube-proxy already short-circuits in-cluster traffic to
 external IPs there, and our DNAT would make kube-proxy's own ClusterIP DNAT never run.
 """
@@ -25,6 +31,7 @@ import hashlib
 from ipaddress import ip_network
 
 from dnsguard.model import (
+    DNS_PORT,
     Chain,
     Family,
     Hook,
@@ -55,8 +62,12 @@ def refuse_reason(facts: NodeFacts) -> str | None:
     return None
 
 
-def external_chains(facts: NodeFacts, family: Family) -> list[Chain]:
-    """nat chains for ``family``: dispatch in PREROUTING and OUTPUT, one chain per Service."""
+def external_chains(facts: NodeFacts, family: Family, *,
+                    untracked_dns: bool = False) -> list[Chain]:
+    """nat chains for ``family``: dispatch in PREROUTING and OUTPUT, one chain per Service.
+
+    ``untracked_dns``: DNS replies to pods are NOTRACKed (``--mitigation notrack``).
+    """
     pre: list[Rule] = []
     out: list[Rule] = []
     subs: list[Chain] = []
@@ -64,12 +75,15 @@ def external_chains(facts: NodeFacts, family: Family) -> list[Chain]:
     for svc in sorted(facts.external_services, key=lambda s: s.key):
         cip = next((ip for ip in svc.cluster_ips if Family.of(ip) is family), None)
         ext = sorted({ip for ip in svc.external_ips if Family.of(ip) is family}, key=int)
-        if cip is None or not ext or not svc.ports:
+        ports = svc.ports
+        if untracked_dns and (not facts.dns_endpoints or cip in facts.dns_ips):
+            ports = tuple(sp for sp in ports if sp.port != DNS_PORT)
+        if cip is None or not ext or not ports:
             continue
         sub = sub_chain(svc.key, family)
         rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {svc.key} mark for masquerade",
                       mark=MASQ_MARK)]
-        for sp in svc.ports:
+        for sp in ports:
             p = sp.proto.value
             rules.append(Rule(Match(proto=sp.proto, dport=sp.port), Verdict.DNAT,
                               f"dnsguard: {svc.key} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
