@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.results import CT_COUNTERS, ratio
 from bench.spec import BASELINE, REFERENCE
-from bench.targets import run_index
+from bench.targets import fmt_seconds, run_index
 
 __all__ = ["fmt_count", "fmt_latency", "fmt_ratio", "markdown_table", "render"]
 
@@ -255,6 +255,100 @@ def _footprint(doc: Doc) -> str:
                           rows, "llrrrr")
 
 
+def _kakao_cell(b: Mapping[str, Any]) -> str:
+    k = b.get("kakao")
+    if not isinstance(k, Mapping):
+        return f"n/a ({b.get('kakao_skipped', 'not measured')})"
+    empty, full = k["empty_table"], k["full_table"]
+    how = (f"{empty['seconds'] / empty['services']:.3f} s per Service on an empty table "
+           f"({empty['services']} timed), {full['seconds'] / full['services']:.3f} s on the "
+           f"full one ({full['services']} timed)")
+    return (f"{fmt_seconds(k['seconds'])}, {k['execs']:,} execs "
+            + (f"(extrapolated: {how})" if k.get("extrapolated") else f"({how})"))
+
+
+def _external_sync(ext: Mapping[str, Any]) -> str:
+    rows = []
+    for b in ext.get("backends", []):
+        if "failed" in b:
+            rows.append([b["backend"], "failed", str(b["failed"])[:200], "", "", "", "", ""])
+            continue
+        r = b.get("kakao_over_full")
+        rows.append([b["backend"], fmt_seconds(b["full_sync_seconds"]),
+                     fmt_seconds(b["partial_sync_seconds"]), fmt_seconds(b["noop_sync_seconds"]),
+                     f"{b['full_sync_restore_lines']:,} / {b['partial_sync_restore_lines']:,}",
+                     fmt_seconds(b["cleanup_seconds"]), _kakao_cell(b),
+                     "-" if r is None else f"{r:,.0f}x"])
+    return markdown_table(["backend", "full sync", "partial sync (1 Service)", "no-op sync",
+                           "restore lines full / partial", "cleanup",
+                           "kakao-style, one exec per rule", "kakao / full"], rows, "lrrrrrlr")
+
+
+def _external_agent(agent: Mapping[str, Any]) -> str:
+    if "failed" in agent:
+        return f"The agent's measurement failed: {agent['failed'][:600]}\n"
+    rows = []
+    for key in ("without", "with"):
+        a = agent.get(key)
+        if not isinstance(a, Mapping):
+            continue
+        u = a["synced"]
+        peak = f"{u['peak_rss_mib']:.1f}"
+        if a.get("peak_rss_mib_after_change") is not None:
+            peak += f" ({a['peak_rss_mib_after_change']:.1f} after the change)"
+        rows.append([f"{a['external_services']:,}", f"{a['rules']:,}",
+                     fmt_seconds(a.get("start_to_applied_seconds")),
+                     fmt_seconds(a.get("start_to_in_sync_seconds")), f"{u['rss_mib']:.1f}",
+                     peak, f"{u['cpu_percent_of_one_core']:.1f} %"])
+    text = markdown_table(["external Services", "rules", "start -> rules applied (its log)",
+                           "start -> in sync (its status)", "RSS MiB once synced",
+                           "peak RSS MiB (VmHWM)", "CPU once synced, % of one core"],
+                          rows, "rrrrrrr")
+    ch = agent.get("with", {}).get("change")
+    if agent.get("rss_ratio") is not None:
+        text += (f"\nRSS once synced: {agent['rss_ratio']:.2f}x the same agent's with no "
+                 "external Service.")
+    if isinstance(ch, Mapping):
+        kernel = ("iptables-save then holds the new IP and not the old one"
+                  if ch["kernel_has_new_ip"] and not ch["kernel_has_old_ip"] else
+                  f"**iptables-save disagrees** (new IP there: {ch['kernel_has_new_ip']}, old IP "
+                  f"still there: {ch['kernel_has_old_ip']})")
+        text += (f" One Service's external IP changed in the API: the agent had re-planned "
+                 f"after {fmt_seconds(ch['replanned_seconds'])} and written the rules after "
+                 f"{fmt_seconds(ch['applied_seconds'])} (its log), and reported in sync (the "
+                 f"kernel read back) after {fmt_seconds(ch['in_sync_seconds'])}; {kernel}.")
+    return text + "\n"
+
+
+def _external(doc: Doc) -> str:
+    ext = doc.get("external")
+    if not isinstance(ext, Mapping):
+        return "Not measured.\n"
+    load = " / ".join(f"{x[0]:.1f}" if x else "?" for x in (ext.get("load_before"),
+                                                             ext.get("load_after")))
+    head = (
+        f"{ext['services']:,} Services (one TCP port and one external IP each, half as "
+        f"`spec.externalIPs`, half as load-balancer ingress): {ext['rules']:,} nat rules in "
+        f"{ext['chains']:,} chains, IPv4, planned in {fmt_seconds(ext['plan_seconds'])}; each "
+        "backend in a namespace of its own. Full sync: a node without rules -> all of them, "
+        "one restore per table and family (nftables: one `nft -f`). Partial sync: one "
+        f"Service's external IP moves (`{ext['changed_service']}`); only the chains it touches "
+        "are written, which includes both dispatch chains of one rule per Service. No-op: read "
+        "and diff. Kakao-style: `iptables -N` per Service chain, then `-C` and `-A` per rule, "
+        f"timed on an empty table and on top of the full one (up to {ext['sample_services']} "
+        f"Services or {ext['sample_seconds_cap']:g} s each, verified against the plan) and "
+        "interpolated linearly in table size. Load average (1 min) before / after the "
+        f"section: {load}; section time {fmt_seconds(ext.get('seconds'))}.\n\n")
+    agent = ext.get("agent")
+    tail = ""
+    if isinstance(agent, Mapping):
+        tail = ("\nThe agent (`dnsguard run --proxy-mode ipvs --mitigation none "
+                f"--external-to-cluster`, {agent.get('backend')}, default sync interval), its "
+                "facts from the fake API server in the same namespace:\n\n"
+                + _external_agent(agent))
+    return head + _external_sync(ext) + tail
+
+
 def render(doc: Doc) -> str:
     m = doc.get("machine", {})
     load = doc.get("load", {})
@@ -306,6 +400,8 @@ def render(doc: Doc) -> str:
         "The API-driven agent loads the Kubernetes client (its RSS shows it); the fake API "
         "server (`dnsguard.testing.fake_apiserver`, in the node namespace) speaks list/watch "
         "but none of a real API server's RBAC, TLS or timing.\n",
+        "## Scale: `--external-to-cluster`\n",
+        _external(doc),
         "## Load generator\n",
         _generator(doc),
     ]

@@ -43,6 +43,7 @@ __all__ = [
     "Target",
     "WorkerOutput",
     "counter_deltas",
+    "extrapolate_between",
     "extrapolate_total",
     "log_histogram",
     "ratio",
@@ -338,6 +339,24 @@ def extrapolate_total(per_item: Sequence[float], total: int) -> float:
     a = mean_t - b * mean_i
     rest = sum(a + b * i for i in range(n, total))
     return float(sum(per_item)) + max(rest, 0.0)
+
+
+def extrapolate_between(first: tuple[float, float], last: tuple[float, float],
+                        total: int) -> float:
+    """Estimated time for ``total`` items added one by one to an empty table, from two samples
+    of per-item time, each ``(table size it was measured at, seconds per item)``.
+
+    Per-item time is taken as linear in the size of the table it works on (``a + b*size``, ``b``
+    clamped at 0 as in `extrapolate_total`: the line through both samples), so the items cost
+    ``total`` times the per-item time at the mean size, ``(total - 1) / 2``. A sample of items
+    added from size ``s`` on measures the mean of sizes ``s .. s+k-1``.
+    """
+    (x1, y1), (x2, y2) = sorted((first, last))
+    if total < 0 or x1 < 0:
+        raise ValueError("sizes and totals are counts")
+    b = max((y2 - y1) / (x2 - x1), 0.0) if x2 > x1 else 0.0
+    a = (y1 + y2) / 2 - b * (x1 + x2) / 2
+    return total * max(a + b * (total - 1) / 2, 0.0)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The benchmark's one entry point: ``python -m bench [--quick] [--allow-sysctl]``.
+"""The benchmark's one entry point: ``python -m bench [--quick] [--allow-sysctl] [--only PART]``.
 
 Order of a run, and why:
 
@@ -11,7 +11,8 @@ Order of a run, and why:
    ``--allow-sysctl``); restart scenarios act on the node-local agents. The conntrack table of
    a node is flushed before each of its runs.
 4. Agent footprint, on the node-local agents that went through everything above.
-5. Tear the nodes down, then rule sync cost in a scratch lab, then IPVS mode in the qemu VM.
+5. Tear the nodes down, then rule sync cost in a scratch lab, then the scale of
+   ``--external-to-cluster`` (10k Services) in scratch namespaces, then IPVS mode in the qemu VM.
 6. Judge the targets and write ``bench/results/<date>.json``, ``<date>.md`` and the PNGs.
 
 Everything is bounded: loads by duration and count (workers exit by themselves, stragglers are
@@ -42,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import footprint, plots, report, rulesync, targets
+from bench import external, footprint, plots, report, rulesync, targets
 from bench.ipvs import run_in_vm
 from bench.node import ANSWER_TTL, PathNode, Snapshot, worker_env
 from bench.results import CT_COUNTERS, WorkerOutput, counter_deltas, summarize_load
@@ -65,6 +66,8 @@ PRESSURE_ATTEMPTS = 3
 QUIET_WAIT = 90.0
 #: Node name the fake Kubernetes API publishes for the footprint's API-driven agent.
 API_NODE = "bench-node"
+#: The parts of a run that --skip and --only name.
+PARTS = ("scenarios", "rulesync", "footprint", "external", "vm")
 TOOLS = ("ip", "dnsmasq", "dig", "conntrack", "nft", "unbound", "iptables-nft-restore",
          "iptables-legacy-restore")
 
@@ -82,9 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iptables", choices=("nft", "legacy"), default="nft",
                    help="flavour kube-proxy writes its iptables rules with (default nft)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where results go")
-    p.add_argument("--skip", action="append", default=[],
-                   choices=("scenarios", "rulesync", "footprint", "vm"),
+    p.add_argument("--skip", action="append", default=[], choices=PARTS,
                    help="leave a part out (repeatable)")
+    p.add_argument("--only", action="append", default=[], choices=PARTS,
+                   help="run only this part (repeatable); results get an -only-PART suffix so "
+                        "a full run's files are never overwritten")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only re-render the markdown and plots of a stored results file")
     p.add_argument("--list", action="store_true", help="print what would run, and exit")
@@ -405,6 +410,9 @@ class Bench:
                                                  self.prof.per_rule_cap).to_json())
         self.doc["rule_sync"] = rows
 
+    def external(self, workdir: Path) -> None:
+        self.doc["external"] = external.measure(self.prof, workdir / "external")
+
     def vm(self) -> None:
         reason = "left out of --quick (it alone takes 2-4 minutes)" \
             if self.prof.vm_lookups == 0 else vm.available()
@@ -519,7 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:24} {s.title} on {', '.join(s.paths)}")
         print(f"rule sync: {prof.rule_counts}, per-rule cap {prof.per_rule_cap:g}s; "
               f"footprint {prof.footprint_seconds:g}s; vm {prof.vm_lookups} lookups/pod")
+        print(f"external: {prof.external_services} Services, kakao-style samples of up to "
+              f"{prof.external_sample} Services or {prof.external_sample_seconds:g}s")
         return 0
+    if args.only:
+        args.skip = [p for p in PARTS if p not in args.only]
     reason = _preflight(args)
     if reason:
         print(f"bench: {reason}", file=sys.stderr)
@@ -548,16 +560,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _phase(bench, "footprint", bench.footprint)
         if "rulesync" not in args.skip:
             _phase(bench, "rule sync", lambda: bench.rule_sync(workdir))
+        if "external" not in args.skip:
+            _phase(bench, "external", lambda: bench.external(workdir))
         if "vm" not in args.skip:
             _phase(bench, "vm", bench.vm)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     bench.doc["seconds"] = round(time.monotonic() - started, 1)
-    if not args.allow_sysctl:
+    if not args.allow_sysctl and "scenarios" not in args.skip:
         bench.notes.append("pressure scenarios skipped: run with --allow-sysctl to lower the "
                            "global conntrack limits (restored afterwards)")
     bench.doc["notes"] = bench.notes + bench.doc.get("notes", [])
-    stem = bench.doc["date"] + ("-quick" if args.quick else "")
+    stem = bench.doc["date"] + ("-quick" if args.quick else "") + "".join(
+        f"-only-{p}" for p in PARTS if p in args.only)
     for f in write_outputs(bench.doc, args.out, stem):
         print(f)
     return 0

@@ -114,6 +114,13 @@ class Profile:
     #: leaves the VM out (it alone takes 2-4 minutes)
     vm_lookups: int
     vm_concurrency: int
+    #: --external-to-cluster scale (`bench.external`): Services with external IPs
+    external_services: int
+    #: most Services per kakao-style sample, and seconds before a sample stops early
+    external_sample: int
+    external_sample_seconds: float
+    #: seconds the agent is sampled once its first full sync is done
+    external_settle: float
 
 
 def _pressure(load: Load, limit: int, buckets: Literal["default", "quarter"]) -> Scenario:
@@ -153,6 +160,10 @@ def profile(quick: bool) -> Profile:
         footprint_paths=NODELOCAL_PATHS[:1] if quick else NODELOCAL_PATHS,
         vm_lookups=0 if quick else 400,
         vm_concurrency=4,
+        external_services=1000 if quick else 10_000,
+        external_sample=50,
+        external_sample_seconds=3.0 if quick else 8.0,
+        external_settle=3.0,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from bench.results import Target, ratio
 from bench.spec import NODELOCAL_PATHS, REFERENCE
 
-__all__ = ["evaluate", "run_index"]
+__all__ = ["evaluate", "fmt_seconds", "run_index"]
 
 Doc = Mapping[str, Any]
 
@@ -21,6 +21,8 @@ PRESSURE_MIN = 0.9
 CEILING_MIN = 0.9
 SYNC_MIN = 50.0
 RSS_MAX_MIB = 64.0
+#: Services with external IPs the --external-to-cluster targets are set at
+EXTERNAL_SERVICES = 10_000
 
 
 def run_index(doc: Doc) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -170,6 +172,68 @@ def _rss_target(doc: Doc) -> Target:
                   worst <= RSS_MAX_MIB)
 
 
+def fmt_seconds(v: float | None) -> str:
+    """A duration from milliseconds to hours, at a precision that reads at a glance."""
+    if v is None:
+        return "-"
+    if v < 1:
+        return f"{v * 1000:.0f} ms"
+    if v < 10:
+        return f"{v:.2f} s"
+    if v < 120:
+        return f"{v:.1f} s"
+    return f"{v / 60:.1f} min" if v < 7200 else f"{v / 3600:.1f} h"
+
+
+def _external(doc: Doc) -> tuple[Mapping[str, Any] | None, str]:
+    """The --external-to-cluster section, and what to add when it ran at another size."""
+    ext = doc.get("external")
+    if not isinstance(ext, Mapping):
+        return None, ""
+    n = ext.get("services")
+    return ext, "" if n == EXTERNAL_SERVICES else (
+        f" [at {n:,} Services, not the target's {EXTERNAL_SERVICES:,}: not judged]")
+
+
+def _external_sync_target(doc: Doc) -> Target:
+    goal = (f"kakao-style (one exec per rule) >= {SYNC_MIN:g}x dnsguard's full sync at "
+            f"{EXTERNAL_SERVICES // 1000}k Services with external IPs")
+    ext, off_size = _external(doc)
+    parts: list[str] = []
+    values: list[float] = []
+    for b in ext.get("backends", []) if ext else []:
+        r, kakao = b.get("kakao_over_full"), b.get("kakao")
+        if r is None or not isinstance(kakao, Mapping):
+            continue
+        values.append(float(r))
+        parts.append(f"{b['backend']}: {r:,.0f}x ({fmt_seconds(b['full_sync_seconds'])} vs "
+                     f"{fmt_seconds(kakao['seconds'])}"
+                     + (", extrapolated" if kakao.get("extrapolated") else "") + ")")
+    met = None if not values or off_size else min(values) >= SYNC_MIN
+    return Target("external-sync", goal, "; ".join(parts) + off_size if parts else
+                  "not measured", met)
+
+
+def _external_rss_target(doc: Doc) -> Target:
+    goal = (f"agent RSS with {EXTERNAL_SERVICES // 1000}k Services with external IPs <= "
+            f"{RSS_MAX_MIB:g} MiB")
+    ext, off_size = _external(doc)
+    agent = ext.get("agent") if ext else None
+    with_ = agent.get("with") if isinstance(agent, Mapping) else None
+    if not isinstance(with_, Mapping) or "synced" not in with_:
+        return Target("external-rss", goal, "not measured", None)
+    synced = with_["synced"]
+    peak = max(float(synced["peak_rss_mib"]),
+               float(with_.get("peak_rss_mib_after_change") or 0.0))
+    without = agent.get("without") if isinstance(agent, Mapping) else None
+    base = (f", {without['synced']['rss_mib']:.1f} MiB with none"
+            if isinstance(without, Mapping) and "synced" in without else "")
+    return Target("external-rss", goal,
+                  f"peak {peak:.1f} MiB (kernel's VmHWM over the first sync and one change; "
+                  f"{synced['rss_mib']:.1f} MiB once synced{base})" + off_size,
+                  None if off_size else peak <= RSS_MAX_MIB)
+
+
 def evaluate(doc: Doc) -> list[Target]:
     runs = run_index(doc)
     paths = [p for p in NODELOCAL_PATHS if any(k[0] == p for k in runs)] or list(NODELOCAL_PATHS)
@@ -180,4 +244,6 @@ def evaluate(doc: Doc) -> list[Target]:
         _conntrack_target(doc, paths),
         _sync_target(doc),
         _rss_target(doc),
+        _external_sync_target(doc),
+        _external_rss_target(doc),
     ]
