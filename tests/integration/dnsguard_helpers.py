@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from dnsguard.model import Backend, ProxyMode
@@ -106,3 +108,40 @@ def conntrack_to(lab: Lab, addr: str, port: int = 53) -> int:
     out = lab.node_run(["conntrack", "-L", "-f", fam, "--orig-dst", addr], check=False).stdout
     return sum(1 for ln in out.splitlines()
                if re.search(rf"\bdport={port}\b", ln) and ln.split()[0] in ("udp", "tcp"))
+
+
+#: Sends one operation to the fake API server: ``call("put_service", ns, name, ips, ...)``.
+ApiCall = Callable[..., None]
+
+
+@contextlib.contextmanager
+def fake_api(lab: Lab, kubeconfig: Path) -> Iterator[ApiCall]:
+    """A fake Kubernetes API server in the lab node's namespace (tests/integration/fake_api_proc.py).
+
+    It must run there: the agent reaches it on 127.0.0.1 of that namespace. Each call names a
+    `FakeApiServer` method and its JSON arguments, and waits for the server's ``ok``.
+    """
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.node_netns, sys.executable, str(here / "fake_api_proc.py"),
+         str(kubeconfig)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdin is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    try:
+        assert stdout.readline().strip() == "ok"
+
+        def call(op: str, *args: object, **kw: object) -> None:
+            stdin.write(json.dumps({"op": op, "args": list(args), "kw": kw}) + "\n")
+            stdin.flush()
+            answer = stdout.readline().strip()
+            assert answer == "ok", f"fake API {op}: {answer}"
+
+        yield call
+    finally:
+        stdin.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        stdout.close()

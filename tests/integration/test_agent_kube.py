@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import dnsguard, status, stop_agent, wait_for
+from dnsguard_helpers import dnsguard, fake_api, status, stop_agent, wait_for
 
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig, dns_pod_ip
 
 pytestmark = pytest.mark.root
 
-HERE = Path(__file__).parent
 NODE = "node-a"
 
 
@@ -35,30 +34,12 @@ def lab():
 @pytest.fixture
 def api(lab: Lab, tmp_path: Path):
     kubeconfig = tmp_path / "kubeconfig"
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", lab.node_netns, sys.executable, str(HERE / "fake_api_proc.py"),
-         str(kubeconfig)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None and proc.stdin is not None
-    assert proc.stdout.readline().strip() == "ok"
-
-    def call(op: str, *args: object, **kw: object) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({"op": op, "args": list(args), "kw": kw}) + "\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "ok"
-
-    call("put_service", "kube-system", "kube-dns", ["198.18.1.10"])
-    call("put_endpoint_slice", "kube-system", "kube-dns-a", service="kube-dns",
-         endpoints=[str(dns_pod_ip(0)), str(dns_pod_ip(1))])
-    call("put_node", NODE, ["198.18.0.0/24"])
-    yield call, kubeconfig
-    proc.stdin.close()
-    proc.terminate()
-    proc.wait(timeout=10)
-    proc.stdout.close()
+    with fake_api(lab, kubeconfig) as call:
+        call("put_service", "kube-system", "kube-dns", ["198.18.1.10"])
+        call("put_endpoint_slice", "kube-system", "kube-dns-a", service="kube-dns",
+             endpoints=[str(dns_pod_ip(0)), str(dns_pod_ip(1))])
+        call("put_node", NODE, ["198.18.0.0/24"])
+        yield call, kubeconfig
 
 
 def _args(tmp_path: Path, kubeconfig: Path) -> list[str]:

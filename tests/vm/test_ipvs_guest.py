@@ -15,12 +15,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from dnsguard_helpers import (
     dnsguard,
+    fake_api,
     nodelocal_args,
     start_agent,
     status,
@@ -29,8 +31,17 @@ from dnsguard_helpers import (
     without_empty_legacy_tables,
 )
 
-from dnsguard.model import ProxyMode
-from dnsguard.testing.lab import Lab, LabConfig
+from dnsguard.model import Family, ProxyMode
+from dnsguard.testing.fake_apiserver import service_object
+from dnsguard.testing.lab import (
+    DNS_CLUSTER_IPS,
+    POD_CIDRS,
+    Lab,
+    LabConfig,
+    dns_pod_ip,
+    service_addresses,
+    service_fqdn,
+)
 
 pytestmark = pytest.mark.skipif(os.environ.get("DNSGUARD_VM") != "1",
                                 reason="runs inside the qemu guest (see test_ipvs_mode.py)")
@@ -127,7 +138,7 @@ def test_nodelocal_link_local_falls_back_to_the_cluster_ip(lab: Lab, tmp_path: P
             lab.node_run(["conntrack", "-L"], check=False).stdout.splitlines())
 
         # the cache dies: the link-local address falls back to the ClusterIP via IPVS
-        pid = status(lab, args)["cache"]["pid"]  # type: ignore[index]
+        pid = status(lab, args)["cache"]["pid"]
         killed = time.monotonic()
         os.kill(int(pid), signal.SIGKILL)  # type: ignore[arg-type]
         took = _lookup_ok_after(lab, killed, 3.0)
@@ -142,3 +153,88 @@ def test_nodelocal_link_local_falls_back_to_the_cluster_ip(lab: Lab, tmp_path: P
         if proc.poll() is None:
             stop_agent(proc)
     assert dnsguard(lab, "cleanup", "--state-dir", str(tmp_path / "state")).returncode == 0
+
+
+# --external-to-cluster: kube-dns gets an external IP and a load-balancer ingress IP (IPv4) and
+# an external IP (IPv6). The node routes them towards its bridge, where nothing answers: the
+# load balancer a pod would otherwise hairpin through is out of the picture, so an answer can
+# only come through dnsguard's DNAT to the ClusterIP and IPVS.
+EXTERNAL = {Family.V4: "198.18.2.53", Family.V6: "fd00:198:18:2::35"}
+LB_INGRESS = "198.18.2.54"
+NODE = "node-a"
+
+
+def _kube_dns(external: bool) -> dict[str, Any]:
+    obj = service_object("kube-system", "kube-dns",
+                         [str(DNS_CLUSTER_IPS[Family.V4]), str(DNS_CLUSTER_IPS[Family.V6])])
+    if external:
+        obj["spec"]["externalIPs"] = [EXTERNAL[Family.V4], EXTERNAL[Family.V6]]
+        obj["spec"]["type"] = "LoadBalancer"
+        obj["status"] = {"loadBalancer": {"ingress": [{"ip": LB_INGRESS}]}}
+    return obj
+
+
+def _answers(lab: Lab, where: str, server: str, *, tcp: bool = False) -> bool:
+    """One A query to ``server`` from pod 0 or the node: did the lab's CoreDNS answer it?"""
+    argv = ["dig", f"@{server}", service_fqdn(1), "A", "+short", "+time=1", "+tries=1",
+            *(["+tcp"] if tcp else [])]
+    res = (lab.pod_run(0, argv, check=False, timeout=30) if where == "pod"
+           else lab.node_run(argv, check=False, timeout=30))
+    return res.returncode == 0 and str(service_addresses(1)[Family.V4]) in res.stdout
+
+
+def _reachable(lab: Lab) -> dict[str, bool]:
+    probes = {f"pod udp {ip}": ("pod", ip, False) for ip in [*EXTERNAL.values(), LB_INGRESS]}
+    probes[f"pod tcp {EXTERNAL[Family.V4]}"] = ("pod", EXTERNAL[Family.V4], True)
+    probes[f"node udp {EXTERNAL[Family.V4]}"] = ("node", EXTERNAL[Family.V4], False)
+    probes[f"node udp {EXTERNAL[Family.V6]}"] = ("node", EXTERNAL[Family.V6], False)
+    return {k: _answers(lab, w, ip, tcp=tcp) for k, (w, ip, tcp) in probes.items()}
+
+
+def test_external_ips_reach_the_cluster_ip_and_go_with_the_service(
+        lab: Lab, backend: str, tmp_path: Path) -> None:
+    """Pods and the node reach a Service's external and LB IPs through dnsguard's DNAT.
+
+    The DNAT goes away when the Service loses its external IPs, also when that happens while
+    the agent is down (it was SIGKILLed, so nothing tore its rules down).
+    """
+    for fam, net in (("-4", "198.18.2.0/24"), ("-6", "fd00:198:18:2::/64")):
+        lab.node_run(["ip", fam, "route", "add", net, "dev", "br0"])
+    before = lab.save_rules()
+    with fake_api(lab, tmp_path / "kubeconfig") as call:
+        call("apply", "services", _kube_dns(external=True))
+        for fam in (Family.V4, Family.V6):
+            call("put_endpoint_slice", "kube-system", f"kube-dns-v{fam.value}",
+                 service="kube-dns", endpoints=[str(dns_pod_ip(0, fam)), str(dns_pod_ip(1, fam))])
+        call("put_node", NODE, [str(POD_CIDRS[Family.V4]), str(POD_CIDRS[Family.V6])])
+        assert not any(_reachable(lab).values())  # nothing answers there without dnsguard
+
+        args = ["--mitigation", "none", "--external-to-cluster", "--backend", backend,
+                "--kubeconfig", str(tmp_path / "kubeconfig"), "--node-name", NODE,
+                "--state-dir", str(tmp_path / "state"), "--sync-interval", "1"]
+        proc = start_agent(lab, args, tmp_path / "agent.log")
+        try:
+            wait_for(lambda: EXTERNAL[Family.V6] in lab.save_rules(), timeout=120)
+            reached = _reachable(lab)
+            print(f"\n{backend}: with dnsguard: {reached}")
+            assert all(reached.values()), (reached, (tmp_path / "agent.log").read_text())
+
+            call("apply", "services", _kube_dns(external=False))
+            wait_for(lambda: EXTERNAL[Family.V4] not in lab.save_rules(), timeout=60)
+            assert not any(_reachable(lab).values())
+
+            call("apply", "services", _kube_dns(external=True))
+            wait_for(lambda: LB_INGRESS in lab.save_rules(), timeout=60)
+            proc.kill()  # down, rules left behind
+            proc.wait(timeout=30)
+            assert LB_INGRESS in lab.save_rules()
+            call("apply", "services", _kube_dns(external=False))
+            proc = start_agent(lab, args, tmp_path / "agent2.log")
+            wait_for(lambda: LB_INGRESS not in lab.save_rules(), timeout=120)
+            assert not any(_reachable(lab).values())
+        finally:
+            if proc.poll() is None:
+                stop_agent(proc)
+    cleanup = dnsguard(lab, "cleanup", "--state-dir", str(tmp_path / "state"), timeout=300)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert without_empty_legacy_tables(lab.save_rules()) == without_empty_legacy_tables(before)
