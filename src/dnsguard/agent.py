@@ -108,23 +108,24 @@ class Agent:
         st.syncs += 1
         wrote = False
         try:
-            drift = self.netfilter.drift(self.plan)
+            have = self.netfilter.observe()
+            drift = self.netfilter.drift(self.plan, have)
             if drift:
                 if st.in_sync:
                     st.outside_changes += 1
                     if self.metrics is not None:
                         self.metrics.outside_changes.inc()
-                    log.warning("rules changed outside dnsguard, restoring: %s", "; ".join(drift))
+                    log.warning("rules changed outside dnsguard, restoring: %s", _brief(drift))
                 else:
-                    log.info("kernel differs from plan: %s", "; ".join(drift))
-                written = self.netfilter.apply(self.plan)
+                    log.info("kernel differs from plan: %s", _brief(drift))
+                written = self.netfilter.apply(self.plan, have)
                 st.writes += 1
                 wrote = True
                 log.info("applied %s", ", ".join(written) or "nothing")
                 drift = self.netfilter.drift(self.plan)
                 if drift:
                     raise NetfilterError("kernel does not hold the plan after apply: "
-                                         + "; ".join(drift))
+                                         + _brief(drift))
         except NetfilterError as exc:
             st.in_sync = False
             st.failures[exc.reason] += 1
@@ -247,3 +248,9 @@ class Agent:
         if self.cache is not None:
             self.cache.teardown()
         log.info("teardown removed %s", ", ".join(removed) or "nothing")
+
+
+def _brief(reasons: list[str], limit: int = 5) -> str:
+    """The first few reasons: a first sync at 10k Services would otherwise log 10k chains."""
+    more = len(reasons) - limit
+    return "; ".join(reasons[:limit]) + (f"; and {more} more" if more > 0 else "")

@@ -51,6 +51,17 @@ def test_first_sync_writes_then_steady_state_writes_nothing() -> None:
     assert agent.state.writes == 1 and agent.state.outside_changes == 0
 
 
+def test_a_sync_reads_the_kernel_once_before_writing_and_once_to_verify() -> None:
+    """At 10k Services one read is seconds and tens of MiB: drift and apply share it."""
+    xt, _, _, agent, _, _ = make()
+    saves = lambda: sum(c.startswith(("iptables-nft-save", "ip6tables-nft-save"))  # noqa: E731
+                        for c in xt.commands)
+    agent.sync()  # writes: one read per family before, one to verify
+    assert (saves(), xt.restores) == (4, 6)
+    agent.sync()  # in sync: one read per family, nothing written
+    assert (saves(), xt.restores) == (6, 6)
+
+
 def test_outside_flush_is_detected_counted_and_repaired_in_one_sync() -> None:
     xt, nf, p, agent, _, _ = make()
     agent.sync()

@@ -1,6 +1,7 @@
 """The only package that runs iptables, ip6tables and nft.
 
-`Netfilter` puts one backend behind three verbs the agent needs: ``drift`` (why the kernel
+`Netfilter` puts one backend behind the verbs the agent needs: ``observe`` (one read of the
+kernel, shared by the next two), ``drift`` (why the kernel
 differs from a plan), ``apply`` (make it hold exactly the plan, one atomic transaction per table
 and family) and ``cleanup`` (remove all dnsguard owns, on every backend, and nothing else).
 """
@@ -8,6 +9,7 @@ and family) and ``cleanup`` (remove all dnsguard owns, on every backend, and not
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from dnsguard.model import NFT_TABLE, Backend, Family
 from dnsguard.netfilter.errors import (
@@ -16,7 +18,7 @@ from dnsguard.netfilter.errors import (
     NetfilterError,
     RestoreFailed,
 )
-from dnsguard.netfilter.iptables import IptablesBackend
+from dnsguard.netfilter.iptables import IptablesBackend, Tables
 from dnsguard.netfilter.nft import NftBackend
 from dnsguard.netfilter.runner import Completed, Runner, SubprocessRunner
 from dnsguard.plan import Plan
@@ -29,6 +31,7 @@ __all__ = [
     "NetfilterError",
     "RestoreFailed",
     "Runner",
+    "Snapshot",
     "SubprocessRunner",
     "cleanup",
     "inventory",
@@ -37,6 +40,14 @@ __all__ = [
 
 def _label(family: Family) -> str:
     return f"ipv{family.value}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the kernel held when read: nft's table listing, or iptables' tables per family."""
+
+    nft: str | None = None
+    ipt: dict[Family, Tables] = field(default_factory=dict)
 
 
 class Netfilter:
@@ -49,22 +60,36 @@ class Netfilter:
         self._ipt = IptablesBackend(runner, backend) if backend.is_iptables else None
         self._nft = NftBackend(runner) if backend is Backend.NFTABLES else None
 
-    def drift(self, plan: Plan) -> list[str]:
-        """Why the kernel differs from ``plan``; empty when it holds exactly the plan."""
+    def observe(self) -> Snapshot:
+        """Read what the kernel holds, once, for a ``drift`` and an ``apply`` to share.
+
+        At 10k Services a read is seconds of ``iptables-save``/``nft list`` and tens of MiB of
+        parsed rules: a sync reads before it writes and once more to verify, never twice before.
+        """
         if self._nft is not None:
-            return self._nft.drift(plan)
+            return Snapshot(nft=self._nft.observe())
+        assert self._ipt is not None
+        return Snapshot(ipt={f: self._ipt.observe(f) for f in self.families})
+
+    def drift(self, plan: Plan, have: Snapshot | None = None) -> list[str]:
+        """Why the kernel differs from ``plan``; empty when it holds exactly the plan."""
+        have = self.observe() if have is None else have
+        if self._nft is not None:
+            return self._nft.drift(plan, have.nft, observed=True)
         assert self._ipt is not None
         return [f"{_label(f)}/{table.value}: {reason}"
                 for f in self.families
-                for table, reasons in self._ipt.drift(plan, f).items()
+                for table, reasons in self._ipt.drift(plan, f, have.ipt[f]).items()
                 for reason in reasons]
 
-    def apply(self, plan: Plan) -> list[str]:
+    def apply(self, plan: Plan, have: Snapshot | None = None) -> list[str]:
         """Write what differs, one transaction per table and family; return what was written."""
+        have = self.observe() if have is None else have
         if self._nft is not None:
-            return [f"inet {NFT_TABLE}"] if self._nft.apply(plan) else []
+            return [f"inet {NFT_TABLE}"] if self._nft.apply(plan, have.nft, observed=True) else []
         assert self._ipt is not None
-        return [f"{_label(f)}/{t.value}" for f in self.families for t in self._ipt.apply(plan, f)]
+        return [f"{_label(f)}/{t.value}" for f in self.families
+                for t in self._ipt.apply(plan, f, have.ipt[f])]
 
     def cleanup_other_backends(self) -> list[str]:
         """Remove what an earlier run left on a backend other than ours (backend switched)."""

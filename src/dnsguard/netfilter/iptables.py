@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dnsguard.model import CHAIN_PREFIX, Backend, Family, Hook, Table
 from dnsguard.netfilter.errors import NetfilterError, restore_error
-from dnsguard.netfilter.runner import Runner
+from dnsguard.netfilter.runner import READ_TIMEOUT, Runner
 from dnsguard.plan import Plan
 from dnsguard.plan.render import (
     Tokens,
@@ -192,7 +192,7 @@ class IptablesBackend:
 
     def observe(self, family: Family) -> Tables:
         tool = self._tool(family, "save")
-        res = self.runner.run([tool])
+        res = self.runner.run([tool], timeout=READ_TIMEOUT)
         if not res.ok:
             raise NetfilterError(f"{tool} failed: {res.stderr.strip() or res.returncode}")
         return parse_save(res.stdout)

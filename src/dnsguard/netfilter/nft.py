@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from dnsguard.model import NFT_TABLE
 from dnsguard.netfilter.errors import NetfilterError, restore_error
-from dnsguard.netfilter.runner import Runner
+from dnsguard.netfilter.runner import READ_TIMEOUT, Runner
 from dnsguard.plan import Plan
 from dnsguard.plan.render import nft_table
 
@@ -172,7 +172,7 @@ class NftBackend:
         self.runner = runner
 
     def observe(self) -> str | None:
-        res = self.runner.run(["nft", "list", "table", "inet", NFT_TABLE])
+        res = self.runner.run(["nft", "list", "table", "inet", NFT_TABLE], timeout=READ_TIMEOUT)
         if res.ok:
             return _normalize(res.stdout)
         if "No such file or directory" in res.stderr:

@@ -14,7 +14,11 @@ from typing import Protocol
 
 from dnsguard.netfilter.errors import CommandNotFound, NetfilterError
 
-__all__ = ["Completed", "Runner", "SubprocessRunner"]
+__all__ = ["READ_TIMEOUT", "Completed", "Runner", "SubprocessRunner"]
+
+#: Reading every rule back (``iptables-save``, ``nft list table``) takes seconds at 10k
+#: Services, more on a loaded node; a read that times out fails the whole sync.
+READ_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
