@@ -26,11 +26,11 @@ from dnsguard.netfilter.nft import NftBackend, parse_table
 from dnsguard.netfilter.runner import Completed, SubprocessRunner
 from dnsguard.plan import Plan
 from tests.unit.test_nft_partial import (
-    DISPATCH,
     NODELOCAL_EXT,
     chains_of,
     ip,
     make_plan,
+    shards_of,
     svc,
 )
 
@@ -104,13 +104,15 @@ def test_a_service_change_is_a_partial_transaction_and_the_table_stays_the_plan(
     assert ns.transactions[-1].startswith("add table inet dnsguard\ndelete table")
     in_kernel(ns, p)
 
-    # one Service's port changes: its two chains (IPv4, IPv6) and the dispatch chains
+    # one Service's port changes: its two chains (IPv4, IPv6) and its dispatch shards (all 200
+    # Services share one /24 and one /120: the hooked chains' jumps to them stay as they are)
+    shards = shards_of(SVCS[0])
     changed = [*SVCS]
     changed[100] = svc(100, port=8080)
     p = make_plan(changed)
     assert backend.apply(p)
-    assert touched(ns.transactions[-1]) == {"flush chain": chains_of(SVCS[100]) | DISPATCH,
-                                            "add rule": chains_of(SVCS[100]) | DISPATCH}
+    assert touched(ns.transactions[-1]) == {"flush chain": chains_of(SVCS[100]) | shards,
+                                            "add rule": chains_of(SVCS[100]) | shards}
     in_kernel(ns, p)
 
     # a new Service: its chains are created in the same transaction, and listed last by nft
@@ -118,16 +120,16 @@ def test_a_service_change_is_a_partial_transaction_and_the_table_stays_the_plan(
     p = make_plan(changed)
     assert backend.apply(p)
     assert touched(ns.transactions[-1]) == {"add chain": chains_of(svc(N)),
-                                            "flush chain": DISPATCH,
-                                            "add rule": chains_of(svc(N)) | DISPATCH}
+                                            "flush chain": shards,
+                                            "add rule": chains_of(svc(N)) | shards}
     in_kernel(ns, p)
 
     # a Service removed: its chains are deleted, the others stay as they are
     del changed[50]
     p = make_plan(changed)
     assert backend.apply(p)
-    assert touched(ns.transactions[-1]) == {"flush chain": chains_of(SVCS[50]) | DISPATCH,
-                                            "add rule": DISPATCH,
+    assert touched(ns.transactions[-1]) == {"flush chain": chains_of(SVCS[50]) | shards,
+                                            "add rule": shards,
                                             "delete chain": chains_of(SVCS[50])}
     chains = ns.nft("list", "chains", "inet")
     assert not any(f"chain {c} " in chains for c in chains_of(SVCS[50]))
@@ -142,7 +144,7 @@ def test_a_rejected_partial_transaction_changes_nothing(ns: Recording) -> None:
     backend = NftBackend(ns)
     assert backend.apply(make_plan(SVCS))
     before = ns.nft("list", "table", "inet", "dnsguard")
-    changed = [*SVCS[:10], *SVCS[11:], svc(N)]  # a chain added, one deleted, dispatch rewritten
+    changed = [*SVCS[:10], *SVCS[11:], svc(N)]  # a chain added, one deleted, shards rewritten
     # the kernel refuses the last line (a chain still holding rules and jumped to) at commit
     # time, after every flush and add before it was accepted
     kept = sorted(chains_of(SVCS[0]))[0]

@@ -15,6 +15,7 @@ from bench.results import extrapolate_between
 from bench.targets import evaluate, fmt_seconds
 from dnsguard.kube.extract import service_external
 from dnsguard.netfilter import Completed
+from dnsguard.plan.external import shard_of
 
 # ------------------------------------------------------------------ what the fake API publishes
 
@@ -51,11 +52,13 @@ def test_service_indexes_stay_inside_the_ranges():
 def test_workload_plans_four_rules_per_service_and_one_change():
     w = workload(120, extras=5)
     assert [s.key for s in w.services] == sorted(s.key for s in w.services)
-    assert w.plan.rule_count == 4 * 120  # mark + DNAT in its chain, two dispatch rules
-    assert w.to_json()["chains"] == 120 + 2
+    shards = {shard_of(ip) for s in w.services for ip in s.external_ips}
+    # mark + DNAT in its chain, two dispatch rules in its shards; a jump per shard and hook
+    assert w.plan.rule_count == 4 * 120 + 2 * len(shards)
+    assert w.to_json()["chains"] == 120 + 2 * len(shards) + 2
     assert w.changed_key == "ns10/svc60"
     assert sum(a != b for a, b in zip(w.services, w.changed, strict=True)) == 1
-    assert w.plan != w.changed_plan and w.changed_plan.rule_count == w.plan.rule_count
+    assert w.plan != w.changed_plan
 
 
 def test_extra_services_sort_after_all_others_so_appending_keeps_the_plans_order():

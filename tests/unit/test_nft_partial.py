@@ -20,6 +20,7 @@ from dnsguard.config import Settings
 from dnsguard.model import (
     ExternalService,
     Family,
+    Hook,
     Mitigation,
     NodeFacts,
     Proto,
@@ -30,7 +31,7 @@ from dnsguard.netfilter.errors import RestoreFailed
 from dnsguard.netfilter.nft import Block, NftBackend, diff_nft, parse_table, sync_text
 from dnsguard.netfilter.runner import Completed
 from dnsguard.plan import Plan, plan
-from dnsguard.plan.external import sub_chain
+from dnsguard.plan.external import shard_chain, shard_of, sub_chain
 from dnsguard.plan.render import nft_table
 from dnsguard.testing.fakes import FakeRunner
 
@@ -60,7 +61,14 @@ def chains_of(s: ExternalService) -> set[str]:
     return {sub_chain(s.key, f).lower() for f in Family}
 
 
+def shards_of(s: ExternalService) -> set[str]:
+    """The dispatch shard chains that hold ``s``'s external IPs (pods' and the node's)."""
+    return {shard_chain(h, shard_of(a)).lower() for h in (Hook.PREROUTING, Hook.OUTPUT)
+            for a in s.external_ips}
+
+
 SVCS = [svc(i) for i in range(40)]
+#: the hooked chains: one jump per shard, rewritten only when a shard comes or goes
 DISPATCH = {"nat-prerouting", "nat-output"}
 
 
@@ -167,35 +175,48 @@ def synced(svcs: Sequence[ExternalService], settings: Settings = ONLY_EXT,
     return nft, backend
 
 
-def test_a_port_change_rewrites_that_services_chains_and_the_dispatch_chains_only() -> None:
+def test_a_port_change_rewrites_that_services_chains_and_its_dispatch_shards_only() -> None:
     nft, backend = synced(SVCS)
     changed = [*SVCS]
     changed[7] = svc(7, port=8080)
     p = make_plan(changed)
     assert backend.apply(p)
     [text] = nft.transactions
-    touched = chains_of(SVCS[7]) | DISPATCH
+    touched = chains_of(SVCS[7]) | shards_of(SVCS[7])
     assert set(written(text, "flush chain")) == touched
     assert set(written(text, "add rule")) == touched
     assert written(text, "add chain") == written(text, "delete chain") == []
-    assert all(ln.startswith(("flush chain inet dnsguard ext-", "flush chain inet dnsguard nat-",
+    assert all(ln.startswith(("flush chain inet dnsguard ext-", "flush chain inet dnsguard x",
                               "add rule inet dnsguard ")) for ln in text.splitlines())
-    # the untouched chains' rules are not in the transaction at all
+    # the untouched chains' rules, the hooked chains' among them, are not in the transaction
     assert text.count("\n") == sum(len(c.rules) for rs in p.rulesets for c in rs.chains
-                                   if c.sub is None or c.sub.lower() in touched) + len(touched)
+                                   if c.sub is not None and c.sub.lower() in touched
+                                   ) + len(touched)
     assert backend.drift(p) == []
     assert not backend.apply(p)  # a fixpoint: nothing left to write
 
 
-def test_an_external_ip_change_rewrites_only_the_dispatch_chains() -> None:
+def test_an_external_ip_change_rewrites_only_the_dispatch_shards_it_leaves_and_joins() -> None:
     nft, backend = synced(SVCS)
     changed = [*SVCS]
-    changed[3] = svc(3, ext="198.19.200.3")
+    changed[3] = svc(3, ext="198.19.5.3")  # a /24 no Service used: a new shard
     p = make_plan(changed)
     assert backend.apply(p)
     [text] = nft.transactions
-    assert set(written(text, "flush chain")) == set(written(text, "add rule")) == DISPATCH
+    left = shards_of(svc(3)) - shards_of(changed[3])  # IPv4 198.19.0.0/24; IPv6 unchanged
+    joined = shards_of(changed[3]) - shards_of(svc(3))
+    assert len(left) == len(joined) == 2
+    assert set(written(text, "add chain")) == joined
+    assert set(written(text, "flush chain")) == left | DISPATCH
+    assert set(written(text, "add rule")) == left | joined | DISPATCH
     assert backend.drift(p) == [] and not backend.apply(p)
+    # within one shard, only that shard is rewritten
+    changed[3] = svc(3, ext="198.19.5.4")
+    p = make_plan(changed)
+    nft.transactions.clear()
+    assert backend.apply(p)
+    [text] = nft.transactions
+    assert set(written(text, "flush chain")) == set(written(text, "add rule")) == joined
 
 
 def test_a_new_service_chain_is_added_before_rules_jump_to_it_and_listed_last() -> None:
@@ -205,7 +226,7 @@ def test_a_new_service_chain_is_added_before_rules_jump_to_it_and_listed_last() 
     [text] = nft.transactions
     new = chains_of(SVCS[10])
     assert set(written(text, "add chain")) == new
-    assert set(written(text, "add rule")) == new | DISPATCH
+    assert set(written(text, "add rule")) == new | shards_of(SVCS[10])
     lines = text.splitlines()
     last_add_chain = max(i for i, ln in enumerate(lines) if ln.startswith("add chain"))
     first_jump = min(i for i, ln in enumerate(lines) if " jump ext-" in ln)
@@ -225,8 +246,8 @@ def test_a_removed_service_chain_is_flushed_then_deleted_after_the_jumps_are_gon
     [text] = nft.transactions
     gone = chains_of(SVCS[4])
     assert set(written(text, "delete chain")) == gone
-    assert set(written(text, "flush chain")) == gone | DISPATCH
-    assert set(written(text, "add rule")) == DISPATCH
+    assert set(written(text, "flush chain")) == gone | shards_of(SVCS[4])
+    assert set(written(text, "add rule")) == shards_of(SVCS[4])
     lines = text.splitlines()
     first_delete = min(i for i, ln in enumerate(lines) if ln.startswith("delete chain"))
     assert all(not ln.startswith(("add", "flush")) for ln in lines[first_delete:])
@@ -312,7 +333,7 @@ def test_drift_names_each_differing_block() -> None:
               f"plan {w[('chain', n)].rules[1]!r}" for n in sorted(chains_of(SVCS[2]))]
     stale = [f"chain {n} is not planned (stale)" for n in sorted(chains_of(svc(9)))]
     dispatch = [f"chain {n} has {len(h[('chain', n)].rules)} rules, plan has "
-                f"{len(w[('chain', n)].rules)}" for n in sorted(DISPATCH)]
+                f"{len(w[('chain', n)].rules)}" for n in sorted(shards_of(SVCS[0]))]
     assert sorted(diff_nft(want, have)) == sorted([*ported, *stale, *dispatch])
     assert diff_nft(want, None) == [f"{TABLE} is missing"]
     assert diff_nft(None, want) == [f"{TABLE} is not planned (stale)"]

@@ -21,6 +21,7 @@ from dnsguard.model import (
     Backend,
     ExternalService,
     Family,
+    Hook,
     Mitigation,
     NodeFacts,
     Proto,
@@ -30,7 +31,7 @@ from dnsguard.model import (
 )
 from dnsguard.netfilter import Netfilter
 from dnsguard.plan import PlanRefused, plan
-from dnsguard.plan.external import sub_chain
+from dnsguard.plan.external import shard_chain, sub_chain
 from dnsguard.plan.render import parse_iptables_line
 from dnsguard.testing.fake_apiserver import FakeApiServer
 from dnsguard.testing.fakes import FakeRunner, FakeXtables
@@ -195,7 +196,7 @@ def test_service_changes_from_the_api_update_and_remove_rules(tmp_path: Path,
 
         def dispatch() -> list[str]:
             return [r for r in xt.save("iptables-legacy", "nat").splitlines()
-                    if r.startswith("-A DNSGUARD-OUTPUT")]
+                    if r.startswith("-A DNSGUARD-XOUT-")]
 
         src.start()
         try:
@@ -237,9 +238,23 @@ def test_a_service_change_is_a_partial_sync_of_the_chains_it_touches() -> None:
     assert nf.apply(p) == ["ipv4/nat"]
     [text] = rec.restores
     declared = [ln for ln in text.splitlines() if ln.startswith(":")]
-    # the dispatch chains change; neither Service's own chain, nor the hooks
-    assert declared == [":DNSGUARD-PREROUTING - [0:0]", ":DNSGUARD-OUTPUT - [0:0]"]
-    assert " PREROUTING " not in text and " OUTPUT " not in text
+    # only the dispatch shard of 198.19.5.0/24 changes: neither Service's own chain, nor the
+    # top-level dispatch (same shard), nor the hooks
+    net = ipaddress.ip_network("198.19.5.0/24")
+    shards = [f":DNSGUARD-{shard_chain(Hook.PREROUTING, net)} - [0:0]",
+              f":DNSGUARD-{shard_chain(Hook.OUTPUT, net)} - [0:0]"]
+    assert declared == shards
+    assert "PREROUTING " not in text and "OUTPUT " not in text
+    assert nf.drift(p) == []
+    # an external IP in another /24: a new shard, and a jump to it in the top-level chains
+    rec.restores.clear()
+    far = ExternalService(DNS.key, DNS.cluster_ips, DNS.ports, (ip("198.19.9.7"),))
+    p = plan(facts(WEB, far), ONLY_EXT)
+    nf.apply(p)
+    [text] = rec.restores
+    assert "-A DNSGUARD-PREROUTING -d 198.19.9.0/24" in text
+    assert "-A DNSGUARD-OUTPUT -d 198.19.9.0/24" in text
+    assert f"-A DNSGUARD-{sub_chain(WEB.key, Family.V4)}" not in text
     assert nf.drift(p) == []
     # a Service gone: its chain is deleted in the same transaction, the other is not touched
     rec.restores.clear()
@@ -248,8 +263,13 @@ def test_a_service_change_is_a_partial_sync_of_the_chains_it_touches() -> None:
     [text] = rec.restores
     dns4 = "DNSGUARD-" + sub_chain(DNS.key, Family.V4)
     declared = [ln for ln in text.splitlines() if ln.startswith(":")]
-    assert declared == [":DNSGUARD-PREROUTING - [0:0]", ":DNSGUARD-OUTPUT - [0:0]",
-                        f":{dns4} - [0:0]"]  # flushed, then deleted
+    far_shards = [f":DNSGUARD-{shard_chain(h, ipaddress.ip_network('198.19.9.0/24'))} - [0:0]"
+                  for h in (Hook.PREROUTING, Hook.OUTPUT)]
+    # the top-level jumps to the emptied shard go; the shard and the Service chain are
+    # flushed, then deleted
+    assert sorted(declared) == sorted([":DNSGUARD-PREROUTING - [0:0]",
+                                       ":DNSGUARD-OUTPUT - [0:0]", f":{dns4} - [0:0]",
+                                       *far_shards])
     assert f"-X {dns4}" in text and f"-A {dns4}" not in text
     assert f"-A DNSGUARD-{sub_chain(WEB.key, Family.V4)}" not in text
     assert nf.drift(p) == []

@@ -8,11 +8,15 @@ node itself (nat OUTPUT, source address type LOCAL), to the Service's ClusterIP 
 family on the same port, which IPVS serves on every node. The packet is first marked with
 kube-proxy's masquerade bit (0x4000), as kube-proxy marks traffic it must masquerade.
 
-Layout, as kube-proxy's: one dispatch rule per (external IP, port[, pod range]) in
-``DNSGUARD-PREROUTING`` / ``DNSGUARD-OUTPUT`` jumps to a per-Service, per-family chain
-``DNSGUARD-EXT-<hash>`` (not hooked) that marks and DNATs per port. The hash is of
-``namespace/name`` and the family, so a Service keeps its chain name across changes and a
-change to one Service rewrites only its own chain's rules and its dispatch rules.
+Layout: one dispatch rule per (external IP, port[, pod range]) jumps to a per-Service,
+per-family chain ``DNSGUARD-EXT-<hash>`` (not hooked) that marks and DNATs per port. The hash
+is of ``namespace/name`` and the family, so a Service keeps its chain name across changes.
+Unlike kube-proxy's one KUBE-SERVICES chain, the dispatch rules are sharded by the external
+IP's /24 (IPv6: /120), the size of a typical load-balancer pool: ``DNSGUARD-PREROUTING`` /
+``DNSGUARD-OUTPUT`` hold one jump per shard to ``DNSGUARD-XPRE-<hash>`` /
+``DNSGUARD-XOUT-<hash>``. A change to one Service rewrites its own chain and the shard chains
+of its external IPs (at most 256 addresses' rules each), not every Service's dispatch rule,
+and a packet walks the shards' jumps and one shard instead of every rule.
 
 With ``--mitigation notrack`` the DNS pods' replies to pods are untracked, so a reply to a
 DNATed query could not be un-NATed back to the external IP the pod asked: the cluster DNS
@@ -35,6 +39,8 @@ from dnsguard.model import (
     Chain,
     Family,
     Hook,
+    IPAddress,
+    IPNetwork,
     Match,
     NodeFacts,
     Rule,
@@ -42,16 +48,34 @@ from dnsguard.model import (
     Verdict,
 )
 
-__all__ = ["MASQ_MARK", "external_chains", "refuse_reason", "sub_chain"]
+__all__ = ["MASQ_MARK", "SHARD_PREFIX", "external_chains", "refuse_reason", "shard_chain",
+           "shard_of", "sub_chain"]
 
 #: kube-proxy's --iptables-masquerade-bit default (14): KUBE-POSTROUTING masquerades it
 MASQ_MARK = 0x4000
 
 
+#: dispatch shard sizes: a /24 (or /120) of external IPs shares one chain per hook
+SHARD_PREFIX = {Family.V4: 24, Family.V6: 120}
+
+
+def _hashed(kind: str, key: str) -> str:
+    """``KIND-`` and 12 base32 characters: within iptables' 28-character chain names."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return f"{kind}-" + base64.b32encode(digest).decode()[:12]
+
+
 def sub_chain(key: str, family: Family) -> str:
-    """``EXT-`` and 12 base32 characters: within iptables' 28-character chain names."""
-    digest = hashlib.sha256(f"{key}/ipv{family.value}".encode()).digest()
-    return "EXT-" + base64.b32encode(digest).decode()[:12]
+    return _hashed("EXT", f"{key}/ipv{family.value}")
+
+
+def shard_of(ip: IPAddress) -> IPNetwork:
+    return ip_network(ip).supernet(new_prefix=SHARD_PREFIX[Family.of(ip)])
+
+
+def shard_chain(hook: Hook, shard: IPNetwork) -> str:
+    """The dispatch chain of one shard: ``XPRE-`` (pods) or ``XOUT-`` (the node) and a hash."""
+    return _hashed("XPRE" if hook is Hook.PREROUTING else "XOUT", str(shard))
 
 
 def refuse_reason(facts: NodeFacts) -> str | None:
@@ -68,8 +92,8 @@ def external_chains(facts: NodeFacts, family: Family, *,
 
     ``untracked_dns``: DNS replies to pods are NOTRACKed (``--mitigation notrack``).
     """
-    pre: list[Rule] = []
-    out: list[Rule] = []
+    pre: dict[IPNetwork, list[Rule]] = {}
+    out: dict[IPNetwork, list[Rule]] = {}
     subs: list[Chain] = []
     cidrs = [c for c in facts.pod_cidrs if Family.of(c) is family]
     for svc in sorted(facts.external_services, key=lambda s: s.key):
@@ -91,12 +115,24 @@ def external_chains(facts: NodeFacts, family: Family, *,
                 dst = ip_network(ip)
                 what = f"dnsguard: {svc.key} {p}/{sp.port} external IP {ip}"
                 for cidr in cidrs:
-                    pre.append(Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),
-                                    Verdict.JUMP, f"{what} from pods in {cidr}", jump=sub))
-                out.append(Rule(Match(proto=sp.proto, dst=dst, dport=sp.port, src_local=True),
-                                Verdict.JUMP, f"{what} from the node", jump=sub))
+                    pre.setdefault(shard_of(ip), []).append(
+                        Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),
+                             Verdict.JUMP, f"{what} from pods in {cidr}", jump=sub))
+                out.setdefault(shard_of(ip), []).append(
+                    Rule(Match(proto=sp.proto, dst=dst, dport=sp.port, src_local=True),
+                         Verdict.JUMP, f"{what} from the node", jump=sub))
         subs.append(Chain(Table.NAT, Hook.PREROUTING, tuple(rules), sub=sub))
     if not subs:
         return []
-    hooked = [Chain(Table.NAT, Hook.PREROUTING, tuple(pre))] if pre else []
-    return [*subs, *hooked, Chain(Table.NAT, Hook.OUTPUT, tuple(out))]
+    chains = [*subs]
+    for hook, shards in ((Hook.PREROUTING, pre), (Hook.OUTPUT, out)):
+        if not shards:
+            continue
+        jumps = []
+        for net in sorted(shards, key=lambda n: int(n.network_address)):
+            name = shard_chain(hook, net)
+            chains.append(Chain(Table.NAT, hook, tuple(shards[net]), sub=name))
+            jumps.append(Rule(Match(dst=net), Verdict.JUMP,
+                              f"dnsguard: external IPs in {net}", jump=name))
+        chains.append(Chain(Table.NAT, hook, tuple(jumps)))
+    return chains
