@@ -14,6 +14,8 @@ node per path, runs every scenario on every path, and writes ``bench/results/<da
     sysctl     lowering the global conntrack limits, and always restoring them
     rulesync   one restore against one exec per rule
     footprint  RSS and CPU of the agent
+    external   --external-to-cluster at 10k Services: sync times, kakao-style, agent RSS
+    fakeapi    the fake Kubernetes API the agent measurements take their facts from
     ipvs       IPVS mode inside the qemu VM (host side and guest side)
     run        orchestration and the command line
 """
