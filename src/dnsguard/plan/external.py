@@ -105,20 +105,21 @@ def external_chains(facts: NodeFacts, family: Family, *,
         if cip is None or not ext or not ports:
             continue
         sub = sub_chain(svc.key, family)
+        ext_shards = [(ip, shard_of(ip)) for ip in ext]
         rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {svc.key} mark for masquerade",
                       mark=MASQ_MARK)]
         for sp in ports:
             p = sp.proto.value
             rules.append(Rule(Match(proto=sp.proto, dport=sp.port), Verdict.DNAT,
                               f"dnsguard: {svc.key} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
-            for ip in ext:
+            for ip, shard in ext_shards:
                 dst = ip_network(ip)
                 what = f"dnsguard: {svc.key} {p}/{sp.port} external IP {ip}"
                 for cidr in cidrs:
-                    pre.setdefault(shard_of(ip), []).append(
+                    pre.setdefault(shard, []).append(
                         Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),
                              Verdict.JUMP, f"{what} from pods in {cidr}", jump=sub))
-                out.setdefault(shard_of(ip), []).append(
+                out.setdefault(shard, []).append(
                     Rule(Match(proto=sp.proto, dst=dst, dport=sp.port, src_local=True),
                          Verdict.JUMP, f"{what} from the node", jump=sub))
         subs.append(Chain(Table.NAT, Hook.PREROUTING, tuple(rules), sub=sub))
