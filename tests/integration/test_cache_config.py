@@ -197,3 +197,28 @@ def test_plan_and_status_leave_a_fresh_node_unchanged(ns: Netns, command: str) -
         assert res.returncode in (0, 1, 2), res.stderr
         assert "Traceback" not in res.stderr
         assert _tables(ns) == before, f"{command} {' '.join(extra)} changed the node"
+
+
+@pytest.mark.parametrize("backend", ["iptables-nft", "nftables"])
+def test_run_that_cannot_write_its_state_dir_leaves_nothing_behind(ns: Netns,
+                                                                    backend: str) -> None:
+    """The link is made before the config is written: a failure there must take it away."""
+    blocker = ns.tmp / "not-a-dir"
+    blocker.write_text("a file where --state-dir should be\n")
+    before = (ns.run("ip", "-o", "addr", "show").stdout, ns.run("nft", "list", "ruleset").stdout,
+              _tables(ns))
+    res = ns.run(sys.executable, "-m", "dnsguard", "run", "--mitigation", "nodelocal",
+                 "--proxy-mode", "iptables", "--backend", backend, "--dns-ip", "198.18.1.10",
+                 "--upstream", OLD, "--state-dir", str(blocker / "state"),
+                 "--node-resolv-conf", str(blocker), check=False)
+    assert res.returncode == 1, res.stderr
+    # the log's INFO lines, then one error line
+    errors = [ln for ln in res.stderr.splitlines() if " INFO " not in ln]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert errors[0] == ("dnsguard: error: cannot write the cache's config in "
+                         f"--state-dir {blocker / 'state'}: Not a directory"), res.stderr
+    assert ns.run("ip", "link", "show", "dnsguard0", check=False).returncode != 0
+    after = (ns.run("ip", "-o", "addr", "show").stdout, ns.run("nft", "list", "ruleset").stdout,
+             _tables(ns))
+    assert after == before
+    assert sorted(p.name for p in ns.tmp.iterdir()) == ["not-a-dir"]
