@@ -11,6 +11,11 @@ same moment, every node would then ask CoreDNS for everything at once, during Co
 rollout. unbound keeps the cache only while its sizes and thread count stay the same (it says
 "ok" and drops the cache silently otherwise), so those are compared first and a change there
 gets a full reload, logged with the reason; so does a reload_keep_cache that fails.
+
+The log is capped (`LOG_CAP`; it sits in a small emptyDir in the pod): a thread beside the exit
+watcher checks it every `LOG_CHECK_SECONDS` and moves its tail to ``unbound.log.1``. unbound
+writes through the O_APPEND descriptor it inherited from us, so after the file is truncated its
+next line lands at offset 0: no hole, no restart, no signal to unbound.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from dnsguard.netfilter.errors import NetfilterError
 __all__ = ["CacheError", "Unbound"]
 
 log = logging.getLogger("dnsguard.cache")
+
+#: unbound.log is cut back to nothing past this size, its last LOG_CAP bytes kept in .1
+LOG_CAP = 1 << 20
+LOG_CHECK_SECONDS = 1.0
 
 
 class CacheError(NetfilterError):
@@ -58,6 +67,8 @@ class Unbound:
         self.on_exit: Callable[[], None] | None = None
         self.conf = state_dir / "unbound.conf"
         self.logfile = state_dir / "unbound.log"
+        self.rotated_log = state_dir / "unbound.log.1"
+        self.log_cap = LOG_CAP
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
         #: the cache shape of the config the running process last loaded
@@ -99,6 +110,7 @@ class Unbound:
         if shutil.which(self.binary) is None:
             raise CacheError(f"{self.binary} not found: install unbound")
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.cap_log()  # an earlier run's log
         self._loaded_shape = _cache_shape(self.conf.read_text()) if self.conf.exists() else None
         with self.logfile.open("ab") as out:
             try:
@@ -108,13 +120,42 @@ class Unbound:
             except FileNotFoundError:
                 raise CacheError(f"{self.binary} not found: install unbound") from None
         log.info("started unbound, pid %d", self.proc.pid)
-        threading.Thread(target=self._watch, args=(self.proc,), daemon=True,
+        exited = threading.Event()
+        threading.Thread(target=self._watch, args=(self.proc, exited), daemon=True,
                          name=f"unbound-{self.proc.pid}").start()
+        threading.Thread(target=self._cap_log_loop, args=(exited,), daemon=True,
+                         name=f"unbound-log-{self.proc.pid}").start()
 
-    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+    def _watch(self, proc: subprocess.Popen[bytes], exited: threading.Event) -> None:
         proc.wait()
+        exited.set()
         if self.on_exit is not None and not self._stopping:
             self.on_exit()
+
+    def _cap_log_loop(self, exited: threading.Event) -> None:
+        while not exited.wait(LOG_CHECK_SECONDS):
+            try:
+                self.cap_log()
+            except OSError as exc:  # a full or vanished state dir must not end the loop
+                log.warning("cannot cap %s: %s", self.logfile, exc)
+
+    def cap_log(self) -> bool:
+        """Past `log_cap`: keep the last `log_cap` bytes (whole lines) in unbound.log.1 and
+        empty unbound.log; True when it did. Lines unbound writes between the copy and the
+        truncate (microseconds) are lost."""
+        try:
+            size = self.logfile.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size <= self.log_cap:
+            return False
+        with self.logfile.open("rb") as f:
+            f.seek(size - self.log_cap)
+            tail = f.read(self.log_cap)
+        cut = tail.find(b"\n")  # the first line is a partial one
+        self.rotated_log.write_bytes(tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail)
+        os.truncate(self.logfile, 0)
+        return True
 
     def exit_reason(self) -> str:
         """Why the process is not running, from its exit code and the tail of its log."""
