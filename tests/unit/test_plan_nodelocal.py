@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dnsguard.cli import build_parser, render_plan
+from dnsguard.cli import build_parser, main, render_plan
 from dnsguard.config import ForwardZone, Settings, settings_from
 from dnsguard.model import Backend, Family, Hook, Mitigation, NodeFacts, ProxyMode, Table, Verdict
 from dnsguard.plan import PlanRefused, plan
 from dnsguard.plan.cache import render_unbound
+from dnsguard.testing.fakes import FakeRunner
 
 GOLDEN = Path(__file__).parent / "golden"
 CIP = ipaddress.ip_address("198.18.1.10")
@@ -207,3 +208,25 @@ def test_unbound_config_is_deterministic_and_accepted_by_unbound(tmp_path: Path)
     assert text == (GOLDEN / "unbound-iptables.conf").read_text()
     _checkconf(tmp_path, render_unbound(p.cache, tmp_path))
 
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--forward-zone", "corp.example=169.254.20.10"],
+     "dnsguard: error: invalid --forward-zone corp.example: dnsguard intercepts 169.254.20.10"),
+    (["--forward-zone", "corp.example=198.18.7.1:99999"],
+     "dnsguard: error: invalid --forward-zone '99999': not a port number"),
+    (["--cache-size", "2x"], "dnsguard: error: invalid --cache-size '2x'"),
+    (["--serve-stale", "forever"], "dnsguard: error: invalid --serve-stale 'forever'"),
+    (["--external-via", "node"],
+     "dnsguard: error: --external-via node: no usable nameserver in"),
+])
+def test_cli_refuses_with_one_line_and_exit_2(tmp_path: Path, capsys, extra: list[str],
+                                              needle: str) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 198.18.1.10\n")  # the ClusterIP: intercepted, skipped
+    argv = ["plan", "--mitigation", "nodelocal", "--proxy-mode", "iptables",
+            "--backend", "iptables-nft", "--dns-ip", "198.18.1.10", "--upstream", "198.18.0.101",
+            "--node-resolv-conf", str(resolv), *extra]
+    assert main(argv, runner=FakeRunner()) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if " INFO " not in ln]
+    assert len(errors) == 1 and errors[0].startswith(needle), errors
