@@ -17,6 +17,7 @@ control socket is a file, reachable from this process.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -222,3 +223,29 @@ def test_run_that_cannot_write_its_state_dir_leaves_nothing_behind(ns: Netns,
              _tables(ns))
     assert after == before
     assert sorted(p.name for p in ns.tmp.iterdir()) == ["not-a-dir"]
+
+
+def _ask(ns: Netns, name: str) -> tuple[str, int | None, str | None]:
+    """(rcode, TTL, address) of the cache's answer."""
+    out = ns.run("dig", "+time=4", "+tries=1", f"@{CACHE}", name, "A", check=False).stdout
+    status = re.search(r"status: (\w+)", out)
+    ans = re.search(rf"^{re.escape(name)}\.\s+(\d+)\s+IN\s+A\s+(\S+)$", out, re.M)
+    return (status[1] if status else "no answer", int(ans[1]) if ans else None,
+            ans[2] if ans else None)
+
+
+@pytest.mark.parametrize("serve_stale", [300, 0])
+def test_serve_stale_flag_decides_what_an_expired_entry_gives_when_upstreams_fail(
+        ns: Netns, cache: Unbound, serve_stale: int) -> None:
+    """--cache-max-ttl 1 makes entries expire at once; the upstream is then stopped."""
+    ns.dnsmasq(OLD, OLD_RECORDS)
+    _start(ns, cache, _spec(OLD, cache_max_ttl=1, serve_stale=serve_stale))
+    rcode, ttl, addr = _ask(ns, "www.example.com")
+    assert (rcode, addr) == ("NOERROR", "198.18.5.6") and ttl is not None and ttl <= 1
+    ns.stop(OLD)
+    if serve_stale:
+        # expired and the upstream gone: the stale answer, with unbound's 30 s reply TTL
+        wait_for(lambda: _ask(ns, "www.example.com") == ("NOERROR", 30, "198.18.5.6"),
+                 timeout=15)
+    else:
+        wait_for(lambda: _ask(ns, "www.example.com")[0] == "SERVFAIL", timeout=15)
