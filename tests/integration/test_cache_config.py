@@ -6,8 +6,12 @@
   still answered from the cache (the old upstream is stopped, the new one would answer
   differently), where a plain ``unbound-control reload`` (the baseline) answers from the new
   upstream, i.e. had flushed the cache; a change of cache size takes a full reload.
+* ``--serve-stale``: an expired entry is served stale while the upstream is down, or, with 0,
+  the lookup fails at once (SERVFAIL).
 * ``plan`` and ``status`` change nothing: /proc/net/ip_tables_names and ip6_tables_names are
-  the same before and after.
+  the same before and after (before the fix, each created a legacy nat table).
+* ``run`` failing after the link was made (``--state-dir`` under a file) leaves no link, rule
+  or file, and says so in one line.
 
 Each test gets its own namespace ``dgcfg-<hex>`` whose lo holds 198.18.200.0/24 addresses; processes are ended by PID and the namespace deleted, pass or fail. unbound runs in
 the namespace through wrapper scripts, so the real `Unbound` class starts and reloads it; its
