@@ -110,7 +110,7 @@ class Unbound:
         if shutil.which(self.binary) is None:
             raise CacheError(f"{self.binary} not found: install unbound")
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        self.cap_log()  # an earlier run's log
+        self._cap_log_quietly()  # an earlier run's log
         self._loaded_shape = _cache_shape(self.conf.read_text()) if self.conf.exists() else None
         with self.logfile.open("ab") as out:
             try:
@@ -134,10 +134,14 @@ class Unbound:
 
     def _cap_log_loop(self, exited: threading.Event) -> None:
         while not exited.wait(LOG_CHECK_SECONDS):
-            try:
-                self.cap_log()
-            except OSError as exc:  # a full or vanished state dir must not end the loop
-                log.warning("cannot cap %s: %s", self.logfile, exc)
+            self._cap_log_quietly()
+
+    def _cap_log_quietly(self) -> None:
+        """A full or vanished state dir must neither stop the cache nor end the loop."""
+        try:
+            self.cap_log()
+        except OSError as exc:
+            log.warning("cannot cap %s: %s", self.logfile, exc)
 
     def cap_log(self) -> bool:
         """Past `log_cap`: keep the last `log_cap` bytes (whole lines) in unbound.log.1 and
