@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from dnsguard import __version__, cli_diag, selfprobe
 from dnsguard.agent import Agent
 from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
-from dnsguard.cache.unbound import Unbound
+from dnsguard.cache.unbound import CacheError, Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
 from dnsguard.kube import KubeApiError, KubeError, KubeSource
@@ -167,8 +167,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
                              unbound=Unbound(settings.state_dir, settings.unbound))
         try:
             cache.prepare()
-        except NetfilterError:
-            cache.teardown()  # nothing half-applied: no link, no config left behind
+        except (NetfilterError, OSError) as exc:
+            _undo_prepare(cache, runner)
+            if isinstance(exc, OSError):  # --state-dir unwritable, or a file, not a directory
+                raise CacheError(f"cannot write the cache's config in --state-dir "
+                                 f"{settings.state_dir}: {exc.strerror or exc}") from None
             raise
     metrics = Metrics(CollectorRegistry())
     agent = Agent(nf, p, interval=settings.sync_interval, cache=cache, metrics=metrics,
@@ -206,6 +209,19 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
         if source is not None:
             source.stop()
     return EXIT_OK
+
+
+def _undo_prepare(cache: CacheRuntime, runner: Runner) -> None:
+    """Nothing half-applied: no link, no config left behind (no rules exist yet).
+
+    The file removal can fail where the state directory is not a directory; the link must go
+    all the same.
+    """
+    try:
+        cache.teardown()
+    except OSError as exc:
+        log.debug("state files not removed: %s", exc)
+    remove_link(runner)
 
 
 def _first_plan(source: KubeSource, settings: Settings, obs: Observed) -> Plan:

@@ -21,10 +21,28 @@ from dnsguard.model import Backend, IPAddress, IPNetwork, Mitigation, ProxyMode
 
 Auto = Literal["auto"]
 LogFormat = Literal["text", "json"]
+ExternalVia = Literal["cluster", "node"]
+
+
+MIB = 1 << 20
 
 
 class ConfigError(ValueError):
     """A bad flag or environment value; the message is one line fit for the user."""
+
+
+@dataclass(frozen=True)
+class ForwardZone:
+    """``--forward-zone``: names at and under ``name`` go to ``addrs``, not to the cluster DNS.
+
+    UDP unless ``tcp``: a zone forwarded elsewhere is usually a corporate or stub DNS outside
+    the cluster, reached from the node's own network, where UDP is what every server answers
+    and the node-to-server path has none of the pod-side conntrack races TCP avoids upstream.
+    """
+
+    name: str
+    addrs: tuple[tuple[IPAddress, int], ...]
+    tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,17 @@ class Settings:
     node_resolv_conf: Path = Path("/etc/resolv.conf")
     drain_seconds: float = 2.0
     unbound: str = "unbound"
+    #: zones forwarded to their own servers, sorted by name (--forward-zone)
+    forward_zones: tuple[ForwardZone, ...] = ()
+    #: where names the cache cannot answer go: the cluster DNS (same answers), or for names
+    #: outside the cluster domain the node's resolv.conf (NodeLocal DNSCache's behaviour)
+    external_via: ExternalVia = "cluster"
+    #: bytes of cache, split msg 1/3 : rrset 2/3
+    cache_size: int = 48 * MIB
+    cache_max_ttl: float = 86400.0
+    cache_negative_ttl: float = 5.0
+    #: how long an expired answer may still be served while the upstreams fail; 0: never
+    serve_stale: float = 300.0
     # Kubernetes API: facts the flags do not give
     kubeconfig: Path | None = None
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
@@ -108,12 +137,29 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--health-port", metavar="PORT",
                        help="loopback port of the cache's health query (default 53053)")
     cache.add_argument("--node-resolv-conf", metavar="FILE",
-                       help="resolv.conf whose nameservers get names outside the cluster")
+                       help="resolv.conf whose nameservers get names outside the cluster "
+                            "with --external-via node")
     cache.add_argument("--unbound", metavar="PATH",
                        help="the unbound binary (default: unbound on PATH)")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
+    cache.add_argument("--forward-zone", action="append", metavar="ZONE=[tcp:]IP[:PORT][,...]",
+                       help="names in ZONE go to these servers (UDP unless tcp:) instead of the "
+                            "cluster DNS (repeatable)")
+    cache.add_argument("--external-via", metavar="cluster|node",
+                       help="names the cache cannot answer: cluster (default) sends all to the "
+                            "cluster DNS; node sends names outside the cluster domain to "
+                            "--node-resolv-conf's nameservers")
+    cache.add_argument("--cache-size", metavar="SIZE",
+                       help="bytes of cache, suffix k/m/g (default 48m)")
+    cache.add_argument("--cache-max-ttl", metavar="SECONDS",
+                       help="longest time an answer is cached (default 86400)")
+    cache.add_argument("--cache-negative-ttl", metavar="SECONDS",
+                       help="longest time NXDOMAIN/NODATA is cached (default 5)")
+    cache.add_argument("--serve-stale", metavar="DURATION",
+                       help="how long expired answers are served while the upstreams fail: "
+                            "300, 300s, 5m, 1h (default 5m; 0: never)")
 
 
 def _raw(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> str | list[str] | None:
@@ -216,6 +262,71 @@ def _seconds(flag: str, raw: str, minimum: float) -> float:
     return value
 
 
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(flag: str, raw: str, minimum: int, maximum: int) -> float:
+    """Whole seconds, bare or with a unit (``300``, ``300s``, ``5m``, ``1h``), as float."""
+    m = _DURATION.match(raw.strip().lower())
+    if m is None:
+        raise ConfigError(f"invalid {flag} {raw!r}: expected seconds or a duration such as "
+                          "300s, 5m, 1h")
+    value = int(m[1]) * _SECONDS_PER[m[2]]
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"invalid {flag} {raw!r}: must be {minimum}-{maximum} seconds")
+    return float(value)
+
+
+_SIZE = re.compile(r"^(\d+)([kmg]?)$")
+
+
+def _size(flag: str, raw: str, minimum: int, maximum: int) -> int:
+    """Bytes, with an optional k/m/g suffix in powers of 1024 (unbound's own convention)."""
+    m = _SIZE.match(raw.strip().lower())
+    if m is None:
+        raise ConfigError(f"invalid {flag} {raw!r}: expected bytes with an optional k/m/g "
+                          "suffix, such as 48m")
+    value = int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2]]
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"invalid {flag} {raw!r}: must be {minimum >> 20}m-{maximum >> 30}g")
+    return value
+
+
+def _forward_zone(flag: str, raw: str) -> ForwardZone:
+    """``ZONE=[tcp:|udp:]IP[:PORT][,IP[:PORT]...]``."""
+    zone, sep, servers = raw.partition("=")
+    if not sep:
+        raise ConfigError(f"invalid {flag} {raw!r}: expected ZONE=[tcp:]IP[:PORT][,IP[:PORT]...]")
+    try:
+        name = _domain(flag, zone)
+    except ConfigError:
+        raise ConfigError(f"invalid {flag} {raw!r}: {zone!r} is not a DNS domain name") from None
+    proto, colon, rest = servers.partition(":")
+    tcp = False
+    if colon and proto.strip().lower() in ("tcp", "udp"):
+        tcp, servers = proto.strip().lower() == "tcp", rest
+    addrs = _dedup([_endpoint(flag, a.strip()) for a in servers.split(",") if a.strip()])
+    if not addrs:
+        raise ConfigError(f"invalid {flag} {raw!r}: no server address after '='")
+    return ForwardZone(name, addrs, tcp)
+
+
+def _zone_items(raw: str | list[str] | None) -> list[str]:
+    """One item per zone. Flags give one zone each; the environment variable is the usual
+    comma-separated list, where an item without ``=`` is one more server of the zone before it
+    (``a.example=198.18.0.1,198.18.0.2,b.example=tcp:198.18.0.3``)."""
+    if raw is None or isinstance(raw, list):
+        return [r.strip() for r in raw or [] if r.strip()]
+    groups: list[str] = []
+    for part in _items(raw):
+        if "=" in part or not groups:
+            groups.append(part)
+        else:
+            groups[-1] += "," + part
+    return groups
+
+
 def _bool(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> bool | None:
     """A ``store_true`` flag, or its variable as 1/0, true/false, yes/no; None when unset."""
     raw = _raw(ns, env, flag)
@@ -268,6 +379,23 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["unbound"] = str(raw)
     if (raw := _raw(ns, env, "--drain-seconds")) is not None:
         kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
+    zones: dict[str, ForwardZone] = {}
+    for item in _zone_items(_raw(ns, env, "--forward-zone")):
+        zone = _forward_zone("--forward-zone", item)
+        if zone.name in zones:
+            raise ConfigError(f"invalid --forward-zone {item!r}: zone {zone.name} given twice")
+        zones[zone.name] = zone
+    kwargs["forward_zones"] = tuple(zones[name] for name in sorted(zones))
+    if (raw := _raw(ns, env, "--external-via")) is not None:
+        kwargs["external_via"] = _choice("--external-via", str(raw), ["cluster", "node"])
+    if (raw := _raw(ns, env, "--cache-size")) is not None:
+        kwargs["cache_size"] = _size("--cache-size", str(raw), MIB, 64 << 30)
+    if (raw := _raw(ns, env, "--cache-max-ttl")) is not None:
+        kwargs["cache_max_ttl"] = _duration("--cache-max-ttl", str(raw), 1, 7 * 86400)
+    if (raw := _raw(ns, env, "--cache-negative-ttl")) is not None:
+        kwargs["cache_negative_ttl"] = _duration("--cache-negative-ttl", str(raw), 0, 86400)
+    if (raw := _raw(ns, env, "--serve-stale")) is not None:
+        kwargs["serve_stale"] = _duration("--serve-stale", str(raw), 0, 86400)
     if (raw := _raw(ns, env, "--kubeconfig")) is not None:
         kwargs["kubeconfig"] = Path(str(raw))
     if svcs := _items(_raw(ns, env, "--dns-service")):

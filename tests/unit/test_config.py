@@ -64,3 +64,81 @@ def test_ipv6_dns_ip_on_a_node_without_ipv6_is_a_config_error(tmp_path) -> None:
     assert str(exc.value).startswith("invalid --dns-ip fd00:198:18:1::a: IPv6 is disabled")
     (tmp_path / "net/if_inet6").write_text("")
     assert observe(s, FakeRunner(), tmp_path).facts.dns_ips == s.dns_ips
+
+
+def test_cache_flags_default_to_todays_values() -> None:
+    s = parse([])
+    assert (s.cache_size, s.cache_max_ttl, s.cache_negative_ttl, s.serve_stale) == \
+        (48 << 20, 86400.0, 5.0, 300.0)
+    assert s.external_via == "cluster" and s.forward_zones == ()
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("300", 300.0), ("300s", 300.0), ("5m", 300.0),
+                                              ("1h", 3600.0), ("0", 0.0)])
+def test_serve_stale_takes_seconds_or_a_unit(raw: str, seconds: float) -> None:
+    assert parse(["--serve-stale", raw]).serve_stale == seconds
+
+
+def test_cache_flags_and_env() -> None:
+    s = parse(["--cache-size", "96m", "--cache-max-ttl", "600", "--cache-negative-ttl", "0"],
+              {"DNSGUARD_SERVE_STALE": "1h", "DNSGUARD_CACHE_SIZE": "1g",
+               "DNSGUARD_EXTERNAL_VIA": "node"})
+    assert (s.cache_size, s.cache_max_ttl, s.cache_negative_ttl, s.serve_stale) == \
+        (96 << 20, 600.0, 0.0, 3600.0)
+    assert s.external_via == "node"
+
+
+def test_forward_zones_from_flags_and_env_are_typed_and_sorted() -> None:
+    s = parse(["--forward-zone", "Corp.Example.=tcp:198.18.7.1,[fd00:198:18::7]:5353",
+               "--forward-zone", "a.example=198.18.7.2:5353"])
+    assert [(z.name, z.tcp) for z in s.forward_zones] == [("a.example", False),
+                                                          ("corp.example", True)]
+    assert s.forward_zones[1].addrs == ((ipaddress.ip_address("198.18.7.1"), 53),
+                                        (ipaddress.ip_address("fd00:198:18::7"), 5353))
+    # env: the usual comma list; an item without '=' is one more server of the zone before it
+    env = {"DNSGUARD_FORWARD_ZONE": "b.example=198.18.7.1,198.18.7.2, a.example=tcp:198.18.7.3"}
+    s = parse([], env)
+    assert [(z.name, len(z.addrs), z.tcp) for z in s.forward_zones] == [
+        ("a.example", 1, True), ("b.example", 2, False)]
+
+
+@pytest.mark.parametrize(("argv", "env", "needle"), [
+    (["--cache-size", "48x"], {}, "invalid --cache-size '48x'"),
+    (["--cache-size", "512k"], {}, "invalid --cache-size '512k': must be 1m-64g"),
+    (["--cache-size", "65g"], {}, "invalid --cache-size '65g'"),
+    (["--cache-size=-1m"], {}, "invalid --cache-size '-1m'"),
+    ([], {"DNSGUARD_CACHE_SIZE": ""}, "invalid --cache-size ''"),
+    (["--cache-max-ttl", "0"], {}, "invalid --cache-max-ttl '0': must be 1-604800 seconds"),
+    (["--cache-max-ttl", "1.5"], {}, "invalid --cache-max-ttl '1.5'"),
+    (["--cache-max-ttl", "8d"], {}, "invalid --cache-max-ttl '8d'"),
+    (["--cache-negative-ttl=-5"], {}, "invalid --cache-negative-ttl '-5'"),
+    (["--cache-negative-ttl", "nan"], {}, "invalid --cache-negative-ttl 'nan'"),
+    (["--serve-stale", "5 minutes"], {}, "invalid --serve-stale '5 minutes'"),
+    (["--serve-stale", "2d"], {}, "invalid --serve-stale '2d': must be 0-86400 seconds"),
+    (["--serve-stale", "inf"], {}, "invalid --serve-stale 'inf'"),
+    ([], {"DNSGUARD_SERVE_STALE": "5y"}, "invalid --serve-stale '5y'"),
+    (["--external-via", "dns"], {}, "invalid --external-via 'dns'"),
+    (["--forward-zone", "corp.example"], {}, "invalid --forward-zone 'corp.example': expected"),
+    (["--forward-zone", "corp..example=198.18.7.1"], {},
+     "invalid --forward-zone 'corp..example=198.18.7.1': 'corp..example' is not a DNS domain"),
+    (["--forward-zone", ".=198.18.7.1"], {}, "invalid --forward-zone '.=198.18.7.1'"),
+    (["--forward-zone", "a_b.example=198.18.7.1"], {}, "invalid --forward-zone 'a_b.example"),
+    (["--forward-zone", "corp.example="], {}, "no server address after '='"),
+    (["--forward-zone", "corp.example=tcp:"], {}, "no server address after '='"),
+    (["--forward-zone", "corp.example=198.18.7.300"], {},
+     "invalid --forward-zone '198.18.7.300'"),
+    (["--forward-zone", "corp.example=ftp:198.18.7.1"], {},
+     "invalid --forward-zone 'ftp:198.18.7.1'"),
+    (["--forward-zone", "corp.example=198.18.7.1:0"], {},
+     "invalid --forward-zone '0': not a port number"),
+    (["--forward-zone", "corp.example=198.18.7.1:65536"], {}, "not a port number"),
+    (["--forward-zone", "corp.example=198.18.7.1", "--forward-zone", "CORP.example=198.18.7.2"],
+     {}, "invalid --forward-zone 'CORP.example=198.18.7.2': zone corp.example given twice"),
+    ([], {"DNSGUARD_FORWARD_ZONE": "198.18.7.1,a.example=198.18.7.2"},
+     "invalid --forward-zone '198.18.7.1': expected"),
+])
+def test_bad_cache_values_give_one_line_naming_flag_and_value(argv, env, needle) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(argv, env)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dnsguard.cli import render_plan
-from dnsguard.config import Settings
+from dnsguard.cli import build_parser, main, render_plan
+from dnsguard.config import ForwardZone, Settings, settings_from
 from dnsguard.model import Backend, Family, Hook, Mitigation, NodeFacts, ProxyMode, Table, Verdict
 from dnsguard.plan import PlanRefused, plan
 from dnsguard.plan.cache import render_unbound
+from dnsguard.testing.fakes import FakeRunner
 
 GOLDEN = Path(__file__).parent / "golden"
 CIP = ipaddress.ip_address("198.18.1.10")
@@ -70,11 +71,134 @@ def test_iptables_mode_needs_upstream_endpoints() -> None:
         plan(facts(ProxyMode.IPTABLES), nl(ProxyMode.IPTABLES, upstreams=()))
 
 
-def test_node_nameservers_that_would_loop_are_dropped() -> None:
-    f = facts(ProxyMode.IPTABLES, node_nameservers=(CIP, ipaddress.ip_address("198.18.9.9")))
+def test_by_default_every_name_goes_to_the_cluster_dns_over_tcp() -> None:
+    """The node's resolvers are ignored: the Corefile's answers hold for every name."""
+    f = facts(ProxyMode.IPTABLES, node_nameservers=(ipaddress.ip_address("198.18.9.9"),))
     p = plan(f, nl(ProxyMode.IPTABLES))
+    assert p.cache is not None and p.cache.external_upstreams == ()
+    zones = _zones(render_unbound(p.cache, Path("/run/dnsguard")))
+    assert zones["."] == (True, ["198.18.0.101@53", "198.18.0.102@53"])
+    assert all(tcp for tcp, _ in zones.values())
+    assert "198.18.9.9" not in render_unbound(p.cache, Path("/run/dnsguard"))
+
+
+def test_external_via_node_skips_node_nameservers_that_would_loop() -> None:
+    f = facts(ProxyMode.IPTABLES, node_nameservers=(CIP, ipaddress.ip_address("198.18.9.9")))
+    p = plan(f, nl(ProxyMode.IPTABLES, external_via="node"))
     assert p.cache is not None
     assert p.cache.external_upstreams == ((ipaddress.ip_address("198.18.9.9"), 53),)
+    zones = _zones(render_unbound(p.cache, Path("/run/dnsguard")))
+    assert zones["."] == (False, ["198.18.9.9@53"])
+    assert zones["cluster.local."] == (True, ["198.18.0.101@53", "198.18.0.102@53"])
+    assert zones["in-addr.arpa."][1] == ["198.18.0.101@53", "198.18.0.102@53"]
+
+
+def test_external_via_node_without_a_usable_nameserver_is_refused() -> None:
+    f = facts(ProxyMode.IPTABLES, node_nameservers=(CIP,))
+    with pytest.raises(PlanRefused, match=r"^--external-via node: no usable nameserver in "
+                                          r"/etc/resolv.conf \(found: 198\.18\.1\.10;"):
+        plan(f, nl(ProxyMode.IPTABLES, external_via="node"))
+
+
+def _zones(conf: str) -> dict[str, tuple[bool, list[str]]]:
+    """forward-zone name -> (over TCP, forward-addrs), from rendered unbound.conf."""
+    out: dict[str, tuple[bool, list[str]]] = {}
+    for block in conf.split("forward-zone:")[1:]:
+        lines = [ln.strip() for ln in block.strip().splitlines()]
+        name = lines[0].split('"')[1]
+        assert name not in out, f"zone {name} twice"
+        out[name] = ("forward-tcp-upstream: yes" in lines,
+                     [ln.split()[1] for ln in lines if ln.startswith("forward-addr:")])
+    return out
+
+
+def _zone(raw: str) -> ForwardZone:
+    return settings_from(build_parser().parse_args(["plan", "--forward-zone", raw]),
+                         {}).forward_zones[0]
+
+
+def test_forward_zones_render_after_the_cluster_zones_sorted_udp_unless_tcp() -> None:
+    zones = (_zone("corp.example=tcp:198.18.7.1,[fd00:198:18::7]:5353"),
+             _zone("a.example=198.18.7.2:5353"))
+    s = nl(ProxyMode.IPTABLES, forward_zones=tuple(sorted(zones, key=lambda z: z.name)))
+    f = NodeFacts(proxy_mode=ProxyMode.IPTABLES, dns_ips=(CIP,),
+                  families=frozenset({Family.V4, Family.V6}))
+    p = plan(f, s)
+    assert p.cache is not None
+    z = _zones(render_unbound(p.cache, Path("/run/dnsguard")))
+    assert z["corp.example."] == (True, ["198.18.7.1@53", "fd00:198:18::7@5353"])
+    assert z["a.example."] == (False, ["198.18.7.2@5353"])
+    assert list(z)[-2:] == ["a.example.", "corp.example."]
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ("x.example=198.18.1.10", "dnsguard intercepts 198.18.1.10 port 53"),
+    ("x.example=169.254.20.10:53", "dnsguard intercepts 169.254.20.10 port 53"),
+    ("x.example=127.0.0.1:53053", "dnsguard intercepts 127.0.0.1 port 53053"),
+    ("svc.cluster.local=198.18.7.1", "the cache answers it itself or from the cluster DNS"),
+    ("cluster.local=198.18.7.1", "the cache answers it itself or from the cluster DNS"),
+    ("in-addr.arpa=198.18.7.1", "the cache answers it itself or from the cluster DNS"),
+    ("dnsguard.invalid=198.18.7.1", "the cache answers it itself or from the cluster DNS"),
+    ("x.example=fd00:198:18::7", "server fd00:198:18::7 is IPv6, which is disabled"),
+])
+def test_forward_zones_that_loop_or_steal_cluster_names_are_refused(raw: str,
+                                                                     needle: str) -> None:
+    with pytest.raises(PlanRefused) as exc:
+        plan(facts(ProxyMode.IPTABLES), nl(ProxyMode.IPTABLES, forward_zones=(_zone(raw),)))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    assert str(exc.value).startswith("invalid --forward-zone ")
+
+
+def test_forwarding_to_the_cluster_ip_is_fine_where_it_is_not_intercepted() -> None:
+    """In ipvs mode the ClusterIP is IPVS's, not the cache's: no loop."""
+    p = plan(facts(ProxyMode.IPVS),
+             nl(ProxyMode.IPVS, forward_zones=(_zone("x.example=198.18.1.10"),)))
+    assert p.cache is not None and p.cache.forward_zones[0].addrs == ((CIP, 53),)
+
+
+def test_cache_flags_render_and_serve_stale_zero_turns_serving_expired_off() -> None:
+    s = nl(ProxyMode.IPTABLES, cache_size=3 * (100 << 20) + 2, cache_max_ttl=600.0,
+           cache_negative_ttl=0.0, serve_stale=0.0)
+    p = plan(facts(ProxyMode.IPTABLES), s)
+    assert p.cache is not None
+    lines = render_unbound(p.cache, Path("/run/dnsguard")).splitlines()
+    assert "    msg-cache-size: 100m" in lines
+    assert f"    rrset-cache-size: {(200 << 20) + 2}" in lines
+    assert "    cache-max-ttl: 600" in lines
+    assert "    cache-max-negative-ttl: 0" in lines
+    assert "    serve-expired: no" in lines
+    assert not any("serve-expired-ttl" in ln for ln in lines)
+    p = plan(facts(ProxyMode.IPTABLES), nl(ProxyMode.IPTABLES, serve_stale=3600.0))
+    assert p.cache is not None
+    assert "    serve-expired-ttl: 3600" in render_unbound(p.cache, Path("/x")).splitlines()
+
+
+@pytest.mark.parametrize(("name", "settings_kw", "nameservers"), [
+    ("unbound-forward-zones.conf",
+     {"forward_zones": ("corp.example=tcp:198.18.7.1,198.18.7.2:5353", "b.example=198.18.7.3")},
+     ()),
+    ("unbound-external-via-node.conf", {"external_via": "node"}, ("198.18.9.9", "198.18.9.10")),
+])
+def test_opt_in_configs_match_golden_and_unbound_accepts_them(
+        tmp_path: Path, name: str, settings_kw: dict, nameservers: tuple[str, ...]) -> None:
+    kw = dict(settings_kw)
+    if "forward_zones" in kw:
+        kw["forward_zones"] = tuple(sorted((_zone(z) for z in kw["forward_zones"]),
+                                           key=lambda z: z.name))
+    f = facts(ProxyMode.IPTABLES,
+              node_nameservers=tuple(ipaddress.ip_address(n) for n in nameservers))
+    p = plan(f, nl(ProxyMode.IPTABLES, **kw))
+    assert p.cache is not None
+    assert render_unbound(p.cache, Path("/run/dnsguard")) == (GOLDEN / name).read_text()
+    _checkconf(tmp_path, render_unbound(p.cache, tmp_path))
+
+
+def _checkconf(tmp_path: Path, text: str) -> None:
+    conf = tmp_path / "unbound.conf"
+    conf.write_text(text)
+    res = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
 
 
 def test_unbound_config_is_deterministic_and_accepted_by_unbound(tmp_path: Path) -> None:
@@ -82,9 +206,27 @@ def test_unbound_config_is_deterministic_and_accepted_by_unbound(tmp_path: Path)
     assert p.cache is not None
     text = render_unbound(p.cache, Path("/run/dnsguard"))
     assert text == (GOLDEN / "unbound-iptables.conf").read_text()
-    conf = tmp_path / "unbound.conf"
-    conf.write_text(render_unbound(p.cache, tmp_path))
-    res = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 0, res.stderr
+    _checkconf(tmp_path, render_unbound(p.cache, tmp_path))
 
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--forward-zone", "corp.example=169.254.20.10"],
+     "dnsguard: error: invalid --forward-zone corp.example: dnsguard intercepts 169.254.20.10"),
+    (["--forward-zone", "corp.example=198.18.7.1:99999"],
+     "dnsguard: error: invalid --forward-zone '99999': not a port number"),
+    (["--cache-size", "2x"], "dnsguard: error: invalid --cache-size '2x'"),
+    (["--serve-stale", "forever"], "dnsguard: error: invalid --serve-stale 'forever'"),
+    (["--external-via", "node"],
+     "dnsguard: error: --external-via node: no usable nameserver in"),
+])
+def test_cli_refuses_with_one_line_and_exit_2(tmp_path: Path, capsys, extra: list[str],
+                                              needle: str) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 198.18.1.10\n")  # the ClusterIP: intercepted, skipped
+    argv = ["plan", "--mitigation", "nodelocal", "--proxy-mode", "iptables",
+            "--backend", "iptables-nft", "--dns-ip", "198.18.1.10", "--upstream", "198.18.0.101",
+            "--node-resolv-conf", str(resolv), *extra]
+    assert main(argv, runner=FakeRunner()) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if " INFO " not in ln]
+    assert len(errors) == 1 and errors[0].startswith(needle), errors

@@ -36,7 +36,7 @@ UPSTREAM_PROBE_TIMEOUT = 1.0
 UPSTREAM_FAILURES_TO_FAIL_OPEN = 2
 MAX_RESTART_BACKOFF = 30.0
 #: Everything dnsguard writes in its state directory; cleanup removes exactly these.
-STATE_FILES = ("unbound.conf", "unbound.log", "unbound.ctl", "status.json")
+STATE_FILES = ("unbound.conf", "unbound.log", "unbound.log.1", "unbound.ctl", "status.json")
 
 
 @dataclass

@@ -4,6 +4,18 @@ unbound runs as our child with a parent-death signal, so it never outlives the a
 agent pod must not leave a cache that nobody supervises; the dead man's switch has already
 turned interception off by then). Its log goes to a file in the state directory whose tail is
 quoted when it exits, so "address in use" reaches the operator verbatim.
+
+A new config (CoreDNS endpoints changed) is applied with ``unbound-control reload_keep_cache``:
+a plain ``reload`` empties the cache, and since every node sees an EndpointSlice change at the
+same moment, every node would then ask CoreDNS for everything at once, during CoreDNS's own
+rollout. unbound keeps the cache only while its sizes and thread count stay the same (it says
+"ok" and drops the cache silently otherwise), so those are compared first and a change there
+gets a full reload, logged with the reason; so does a reload_keep_cache that fails.
+
+The log is capped (`LOG_CAP`; it sits in a small emptyDir in the pod): a thread beside the exit
+watcher checks it every `LOG_CHECK_SECONDS` and moves its tail to ``unbound.log.1``. unbound
+writes through the O_APPEND descriptor it inherited from us, so after the file is truncated its
+next line lands at offset 0: no hole, no restart, no signal to unbound.
 """
 
 from __future__ import annotations
@@ -23,6 +35,10 @@ __all__ = ["CacheError", "Unbound"]
 
 log = logging.getLogger("dnsguard.cache")
 
+#: unbound.log is cut back to nothing past this size, its last LOG_CAP bytes kept in .1
+LOG_CAP = 1 << 20
+LOG_CHECK_SECONDS = 1.0
+
 
 class CacheError(NetfilterError):
     reason = "cache"
@@ -33,6 +49,16 @@ def _die_with_parent() -> list[str]:
     return ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 
 
+#: Settings a cache survives ``reload_keep_cache`` only while they stay the same.
+_CACHE_SHAPE = ("msg-cache-size:", "rrset-cache-size:", "msg-cache-slabs:",
+                "rrset-cache-slabs:", "num-threads:")
+
+
+def _cache_shape(text: str) -> tuple[str, ...]:
+    return tuple(sorted(ln.strip() for ln in text.splitlines()
+                        if ln.strip().startswith(_CACHE_SHAPE)))
+
+
 class Unbound:
     def __init__(self, state_dir: Path, binary: str = "unbound") -> None:
         self.state_dir = state_dir
@@ -41,8 +67,12 @@ class Unbound:
         self.on_exit: Callable[[], None] | None = None
         self.conf = state_dir / "unbound.conf"
         self.logfile = state_dir / "unbound.log"
+        self.rotated_log = state_dir / "unbound.log.1"
+        self.log_cap = LOG_CAP
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
+        #: the cache shape of the config the running process last loaded
+        self._loaded_shape: tuple[str, ...] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -80,6 +110,8 @@ class Unbound:
         if shutil.which(self.binary) is None:
             raise CacheError(f"{self.binary} not found: install unbound")
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        self._cap_log_quietly()  # an earlier run's log
+        self._loaded_shape = _cache_shape(self.conf.read_text()) if self.conf.exists() else None
         with self.logfile.open("ab") as out:
             try:
                 self.proc = subprocess.Popen(
@@ -88,13 +120,46 @@ class Unbound:
             except FileNotFoundError:
                 raise CacheError(f"{self.binary} not found: install unbound") from None
         log.info("started unbound, pid %d", self.proc.pid)
-        threading.Thread(target=self._watch, args=(self.proc,), daemon=True,
+        exited = threading.Event()
+        threading.Thread(target=self._watch, args=(self.proc, exited), daemon=True,
                          name=f"unbound-{self.proc.pid}").start()
+        threading.Thread(target=self._cap_log_loop, args=(exited,), daemon=True,
+                         name=f"unbound-log-{self.proc.pid}").start()
 
-    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+    def _watch(self, proc: subprocess.Popen[bytes], exited: threading.Event) -> None:
         proc.wait()
+        exited.set()
         if self.on_exit is not None and not self._stopping:
             self.on_exit()
+
+    def _cap_log_loop(self, exited: threading.Event) -> None:
+        while not exited.wait(LOG_CHECK_SECONDS):
+            self._cap_log_quietly()
+
+    def _cap_log_quietly(self) -> None:
+        """A full or vanished state dir must neither stop the cache nor end the loop."""
+        try:
+            self.cap_log()
+        except OSError as exc:
+            log.warning("cannot cap %s: %s", self.logfile, exc)
+
+    def cap_log(self) -> bool:
+        """Past `log_cap`: keep the last `log_cap` bytes (whole lines) in unbound.log.1 and
+        empty unbound.log; True when it did. Lines unbound writes between the copy and the
+        truncate (microseconds) are lost."""
+        try:
+            size = self.logfile.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size <= self.log_cap:
+            return False
+        with self.logfile.open("rb") as f:
+            f.seek(size - self.log_cap)
+            tail = f.read(self.log_cap)
+        cut = tail.find(b"\n")  # the first line is a partial one
+        self.rotated_log.write_bytes(tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail)
+        os.truncate(self.logfile, 0)
+        return True
 
     def exit_reason(self) -> str:
         """Why the process is not running, from its exit code and the tail of its log."""
@@ -110,13 +175,32 @@ class Unbound:
             pass
         return f"unbound {how}" + (f": {tail}" if tail else "")
 
-    def reload(self) -> None:
-        """Re-read the config without a restart (same PID; the cache is flushed)."""
-        res = subprocess.run([self._tool("control"), "-c", str(self.conf), "reload"],
-                             capture_output=True, text=True, timeout=30, check=False)
+    def reload(self) -> str:
+        """Re-read the config without a restart (same PID), keeping the cache when unbound can.
+
+        Returns how: ``"kept the cache"`` or ``"full reload (...)"`` with the reason.
+        """
+        shape = _cache_shape(self.conf.read_text())
+        why = ""
+        if self._loaded_shape is not None and shape != self._loaded_shape:
+            why = "cache size or threads changed, which reload_keep_cache cannot keep"
+        else:
+            res = self._control("reload_keep_cache")
+            if res.returncode == 0 and not res.stdout.startswith("error"):
+                self._loaded_shape = shape
+                log.info("unbound reloaded its config and kept its cache")
+                return "kept the cache"
+            why = f"reload_keep_cache failed: {(res.stderr or res.stdout).strip()}"
+        res = self._control("reload")
         if res.returncode != 0:
             raise CacheError(f"unbound-control reload failed: {(res.stderr or res.stdout).strip()}")
-        log.info("unbound reloaded its config")
+        self._loaded_shape = shape
+        log.warning("unbound reloaded its config and flushed its cache: %s", why)
+        return f"full reload ({why})"
+
+    def _control(self, command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self._tool("control"), "-c", str(self.conf), command],
+                              capture_output=True, text=True, timeout=30, check=False)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; only the process we started."""

@@ -204,8 +204,8 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
             raise PlanRefused(
                 f"invalid --upstream {ip}: dnsguard intercepts it on this node, so the cache "
                 "would query itself; use the DNS endpoints or an upstream Service IP")
-    external = tuple((ip, DNS_PORT) for ip in facts.node_nameservers
-                     if ip not in intercepted and Family.of(ip) in facts.families)
+    external = _external_upstreams(facts, settings, intercepted)
+    _check_forward_zones(facts, settings, intercepted)
 
     rulesets = []
     for family in (Family.V4, Family.V6):
@@ -256,5 +256,62 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
         cluster_upstreams=tuple(upstreams),
         external_upstreams=external,
         ipv6=Family.V6 in facts.families,
+        forward_zones=settings.forward_zones,
+        cache_size=settings.cache_size,
+        cache_max_ttl=int(settings.cache_max_ttl),
+        cache_negative_ttl=int(settings.cache_negative_ttl),
+        serve_stale=int(settings.serve_stale),
     )
     return Plan(tuple(rulesets), cache=spec)
+
+
+def _external_upstreams(facts: NodeFacts, settings: Settings,
+                        intercepted: list[IPAddress]) -> tuple[tuple[IPAddress, int], ...]:
+    """Where names outside the cluster domain go: () for the cluster upstreams (the default).
+
+    With ``--external-via node``, the node's resolv.conf nameservers, less those dnsguard
+    intercepts (the cache would ask itself) and those of a family the node does not carry:
+    skipped without a word, as before, because resolv.conf is the node's file, not a flag the
+    operator typed. If that leaves none, the plan is refused rather than quietly sending the
+    names to the cluster DNS after all.
+    """
+    if settings.external_via != "node":
+        return ()
+    usable = tuple((ip, DNS_PORT) for ip in facts.node_nameservers
+                   if ip not in intercepted and Family.of(ip) in facts.families)
+    if not usable:
+        listed = ", ".join(str(ip) for ip in facts.node_nameservers) or "none"
+        raise PlanRefused(
+            f"--external-via node: no usable nameserver in {settings.node_resolv_conf} "
+            f"(found: {listed}; those dnsguard intercepts would loop to the cache itself)")
+    return usable
+
+
+#: Zones the cache must keep answering itself or sending to the cluster DNS: a --forward-zone
+#: here would take the cluster's own names (or the health check) away from them.
+_RESERVED_ZONES = ("in-addr.arpa", "ip6.arpa", "dnsguard.invalid")
+
+
+def _check_forward_zones(facts: NodeFacts, settings: Settings,
+                         intercepted: list[IPAddress]) -> None:
+    """Refuse a --forward-zone that would loop into the cache or steal the cluster's names.
+
+    Unlike resolv.conf, these addresses were typed by the operator: one that dnsguard intercepts
+    on port 53 (or the cache's own health port) is a mistake to report, not to skip.
+    """
+    cluster = settings.cluster_domain
+    for zone in settings.forward_zones:
+        if zone.name == cluster or zone.name.endswith("." + cluster) \
+                or zone.name in _RESERVED_ZONES or zone.name.endswith(".dnsguard.invalid"):
+            raise PlanRefused(
+                f"invalid --forward-zone {zone.name}: the cache answers it itself or from the "
+                f"cluster DNS ({cluster}, in-addr.arpa, ip6.arpa); forward a zone outside it")
+        for ip, port in zone.addrs:
+            if Family.of(ip) not in facts.families:
+                raise PlanRefused(f"invalid --forward-zone {zone.name}: server {ip} is IPv6, "
+                                  "which is disabled on this node")
+            if (ip in intercepted and port == DNS_PORT) or (
+                    ip.is_loopback and port == settings.health_port):
+                raise PlanRefused(
+                    f"invalid --forward-zone {zone.name}: dnsguard intercepts {ip} port {port} "
+                    "on this node, so the cache would query itself")

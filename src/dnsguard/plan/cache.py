@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dnsguard.config import ForwardZone
 from dnsguard.model import IPAddress
 
-__all__ = ["HEALTH_NAME", "CacheSpec", "render_unbound"]
+__all__ = ["HEALTH_NAME", "UNBOUND_DEFAULT_ZONES", "CacheSpec", "render_unbound"]
 
 #: Answered by the cache itself from local data; the agent asks it every health tick.
 HEALTH_NAME = "health.dnsguard.invalid."
@@ -28,12 +29,37 @@ class CacheSpec:
     cluster_domain: str
     cluster_upstreams: tuple[Endpoint, ...]
     #: where names outside the cluster go; empty means "the cluster upstreams as well"
+    #: (the default, --external-via cluster); the node's resolvers with --external-via node
     external_upstreams: tuple[Endpoint, ...]
     ipv6: bool
+    #: --forward-zone, sorted by name: zones that go to their own servers
+    forward_zones: tuple[ForwardZone, ...] = ()
+    #: bytes of cache (msg 1/3, rrset 2/3), and the TTL caps, in seconds
+    cache_size: int = 48 << 20
+    cache_max_ttl: int = 86400
+    cache_negative_ttl: int = 5
+    #: serve-expired-ttl in seconds; 0 turns serve-expired off
+    serve_stale: int = 300
+
+
+#: Zones unbound answers from its own defaults (RFC 6761/6762/7686/8375) unless told
+#: ``nodefault``. The cluster DNS forwards them like any name, and a Corefile may serve them (a
+#: ``hosts`` entry under ``test.``, a stub domain under ``home.arpa.``), so the cache must
+#: forward them too to answer as the cluster DNS does. localhost and the loopback reverse zones
+#: keep unbound's local answers: every resolver gives those the same.
+UNBOUND_DEFAULT_ZONES = ("home.arpa.", "invalid.", "onion.", "test.")
 
 
 def _addr(ep: Endpoint) -> str:
     return f"{ep[0]}@{ep[1]}"
+
+
+def _bytes(n: int) -> str:
+    """unbound's size syntax, exact: ``16m`` where it divides, else ``k``, else bytes."""
+    for shift, unit in ((20, "m"), (10, "k")):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
@@ -67,14 +93,24 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         # undersized DNS server receive buffers are a measured source of 5 s tails
         "    so-rcvbuf: 8m",
         "    so-sndbuf: 4m",
-        "    msg-cache-size: 16m",
-        "    rrset-cache-size: 32m",
+        # unbound keeps a cache across reload_keep_cache only while these sizes and
+        # num-threads stay the same (cache.unbound compares them before choosing the reload)
+        f"    msg-cache-size: {_bytes(spec.cache_size // 3)}",
+        f"    rrset-cache-size: {_bytes(spec.cache_size - spec.cache_size // 3)}",
+        f"    cache-max-ttl: {spec.cache_max_ttl}",
         # NodeLocal DNSCache's known complaint: NXDOMAIN cached for the upstream's SOA minimum
-        "    cache-max-negative-ttl: 5",
-        # when upstreams fail, answer from expired entries rather than fail the lookup
-        "    serve-expired: yes",
-        "    serve-expired-ttl: 300",
-        "    serve-expired-client-timeout: 1500",
+        f"    cache-max-negative-ttl: {spec.cache_negative_ttl}",
+    ]
+    if spec.serve_stale > 0:
+        lines += [
+            # when upstreams fail, answer from expired entries rather than fail the lookup
+            "    serve-expired: yes",
+            f"    serve-expired-ttl: {spec.serve_stale}",
+            "    serve-expired-client-timeout: 1500",
+        ]
+    else:
+        lines.append("    serve-expired: no")
+    lines += [
         "    prefetch: yes",
         "    minimal-responses: yes",
         "    qname-minimisation: no",
@@ -83,6 +119,7 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "    unblock-lan-zones: yes",
         "    insecure-lan-zones: yes",
         f'    domain-insecure: "{spec.cluster_domain}."',
+        *(f'    local-zone: "{z}" nodefault' for z in UNBOUND_DEFAULT_ZONES),
         '    local-zone: "dnsguard.invalid." static',
         f"    local-data: '{HEALTH_NAME} 0 IN TXT \"{HEALTH_TXT}\"'",
         "",
@@ -92,15 +129,23 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "    control-use-cert: no",
     ]
     cluster = tuple(_addr(e) for e in spec.cluster_upstreams)
-    external = tuple(_addr(e) for e in spec.external_upstreams) or cluster
+    external = tuple(_addr(e) for e in spec.external_upstreams)
+    # The cluster DNS gets every name over TCP: no UDP conntrack entries, no lost fragments, no
+    # racing parallel queries on the way upstream. By default that includes names outside the
+    # cluster domain ("."), so the Corefile's hosts, rewrite, stub domains and per-zone forwards
+    # give pods the same answers as without the cache. Only --external-via node sends those to
+    # the node's resolvers (NodeLocal DNSCache's behaviour), over UDP as the node itself asks
+    # them; the reverse zones stay with the cluster DNS, which answers PTR for pods and Services.
     zones = [
-        # the cluster zone and reverse zones go to the cluster DNS over TCP: no UDP conntrack
-        # entries, no lost fragments, no racing parallel queries on the way upstream
         (f"{spec.cluster_domain}.", cluster, True),
         ("in-addr.arpa.", cluster, True),
         ("ip6.arpa.", cluster, True),
-        (".", external, False),
+        (".", external, False) if external else (".", cluster, True),
     ]
+    # operator's zones, sorted: UDP unless tcp: (see config.ForwardZone); unbound takes the
+    # longest matching zone, so these win over "." and over each other's parents
+    zones += [(f"{z.name}.", tuple(_addr(e) for e in z.addrs), z.tcp)
+              for z in spec.forward_zones]
     for name, addrs, tcp in zones:
         lines += ["", "forward-zone:", f'    name: "{name}"']
         if tcp:
