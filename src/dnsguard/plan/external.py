@@ -24,6 +24,13 @@ Service's port 53 is then left out (pods reach its external IP the way they did 
 so is every port 53 when the DNS endpoints are unknown (then any pod's port-53 reply is
 untracked).
 
+Every value of a Service is checked before it is planned (`dnsguard.plan.checks`: addresses
+without zone IDs, ports 1-65535, a name safe for a comment); a Service that fails is left out
+and reported in `Plan.skipped` (the agent logs it once and counts it), so one odd object never
+takes the rest of the ruleset down. Comments carry the Service's ``namespace/name`` shortened
+to 48 characters with a hash when longer, so the renderers' comment limits (nft: 128 bytes) are
+met in the usual case and the rules stay readable.
+
 Refused in iptables and nftables modes: kube-proxy already short-circuits in-cluster traffic to
 external IPs there, and our DNAT would make kube-proxy's own ClusterIP DNAT never run.
 """
@@ -32,11 +39,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import ip_network
 
 from dnsguard.model import (
     DNS_PORT,
     Chain,
+    ExternalService,
     Family,
     Hook,
     IPAddress,
@@ -47,9 +57,10 @@ from dnsguard.model import (
     Table,
     Verdict,
 )
+from dnsguard.plan.checks import UnsafeValue, check_addr, check_port, short_label
 
-__all__ = ["MASQ_MARK", "SHARD_PREFIX", "external_chains", "refuse_reason", "shard_chain",
-           "shard_of", "sub_chain"]
+__all__ = ["MASQ_MARK", "SHARD_PREFIX", "SKIP_REASONS", "Skipped", "checked_services",
+           "external_chains", "refuse_reason", "shard_chain", "shard_of", "sub_chain"]
 
 #: kube-proxy's --iptables-masquerade-bit default (14): KUBE-POSTROUTING masquerades it
 MASQ_MARK = 0x4000
@@ -78,6 +89,45 @@ def shard_chain(hook: Hook, shard: IPNetwork) -> str:
     return _hashed("XPRE" if hook is Hook.PREROUTING else "XOUT", str(shard))
 
 
+#: why a Service (or one of its external IPs) is left out; the metric's label values
+SKIP_REASONS = ("invalid",)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A Service, or one external IP of it, left out of the plan: who, why (a `SKIP_REASONS`
+    label) and a line for the log."""
+
+    key: str
+    reason: str
+    detail: str
+
+
+def _invalid(svc: ExternalService) -> str | None:
+    """Why ``svc`` cannot be rendered safely, or None."""
+    try:
+        for ip in (*svc.cluster_ips, *svc.external_ips):
+            check_addr(ip)
+        for sp in svc.ports:
+            check_port(sp.port)
+    except UnsafeValue as exc:
+        return str(exc)
+    return None
+
+
+def checked_services(services: Iterable[ExternalService],
+                     ) -> tuple[tuple[ExternalService, ...], tuple[Skipped, ...]]:
+    """The Services whose every value renders safely, and the others as `Skipped`."""
+    kept: list[ExternalService] = []
+    skipped: list[Skipped] = []
+    for svc in services:
+        if (why := _invalid(svc)) is not None:
+            skipped.append(Skipped(short_label(svc.key), "invalid", why))
+        else:
+            kept.append(svc)
+    return tuple(kept), tuple(skipped)
+
+
 def refuse_reason(facts: NodeFacts) -> str | None:
     if facts.proxy_mode.nats_with_conntrack:
         return (f"refusing --external-to-cluster in kube-proxy {facts.proxy_mode.value} mode: "
@@ -87,16 +137,21 @@ def refuse_reason(facts: NodeFacts) -> str | None:
 
 
 def external_chains(facts: NodeFacts, family: Family, *,
-                    untracked_dns: bool = False) -> list[Chain]:
+                    untracked_dns: bool = False,
+                    services: Iterable[ExternalService] | None = None) -> list[Chain]:
     """nat chains for ``family``: dispatch in PREROUTING and OUTPUT, one chain per Service.
 
     ``untracked_dns``: DNS replies to pods are NOTRACKed (``--mitigation notrack``).
+    ``services``: the Services to plan, already checked (default: ``facts``' Services that
+    pass `checked_services`).
     """
+    if services is None:
+        services = checked_services(facts.external_services)[0]
     pre: dict[IPNetwork, list[Rule]] = {}
     out: dict[IPNetwork, list[Rule]] = {}
     subs: list[Chain] = []
     cidrs = [c for c in facts.pod_cidrs if Family.of(c) is family]
-    for svc in sorted(facts.external_services, key=lambda s: s.key):
+    for svc in sorted(services, key=lambda s: s.key):
         cip = next((ip for ip in svc.cluster_ips if Family.of(ip) is family), None)
         ext = sorted({ip for ip in svc.external_ips if Family.of(ip) is family}, key=int)
         ports = svc.ports
@@ -105,16 +160,17 @@ def external_chains(facts: NodeFacts, family: Family, *,
         if cip is None or not ext or not ports:
             continue
         sub = sub_chain(svc.key, family)
+        label = short_label(svc.key)
         ext_shards = [(ip, shard_of(ip)) for ip in ext]
-        rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {svc.key} mark for masquerade",
+        rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {label} mark for masquerade",
                       mark=MASQ_MARK)]
         for sp in ports:
             p = sp.proto.value
             rules.append(Rule(Match(proto=sp.proto, dport=sp.port), Verdict.DNAT,
-                              f"dnsguard: {svc.key} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
+                              f"dnsguard: {label} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
             for ip, shard in ext_shards:
                 dst = ip_network(ip)
-                what = f"dnsguard: {svc.key} {p}/{sp.port} external IP {ip}"
+                what = f"dnsguard: {label} {p}/{sp.port} external IP {ip}"
                 for cidr in cidrs:
                     pre.setdefault(shard, []).append(
                         Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),
