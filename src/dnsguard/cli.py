@@ -26,7 +26,7 @@ from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
 from dnsguard.cache.unbound import Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
-from dnsguard.kube import KubeApiError, KubeError, KubeSource
+from dnsguard.kube import KubeApiError, KubeConfigError, KubeError, KubeSource
 from dnsguard.logs import setup_logging
 from dnsguard.metrics import Metrics, Probe, SkipReport, serve
 from dnsguard.model import Backend, Family, ProxyMode
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
                    "cleanup": cmd_cleanup, "status": cmd_status, **cli_diag.COMMANDS}[args.command]
         return command(args, settings, runner)
-    except (ConfigError, PlanRefused) as exc:
+    except (ConfigError, PlanRefused, KubeConfigError) as exc:
+        # a kubeconfig that cannot be used is bad input, like a bad flag: exit 2
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (NetfilterError, KubeError) as exc:
