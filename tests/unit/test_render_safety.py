@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from dnsguard.cli import render_plan
 from dnsguard.config import Settings
+from dnsguard.kube.extract import service_external
 from dnsguard.metrics import Metrics, SkipReport
 from dnsguard.model import (
     Backend,
@@ -26,6 +28,7 @@ from dnsguard.model import (
     Verdict,
 )
 from dnsguard.plan import plan
+from dnsguard.plan.cache import CacheSpec, render_unbound
 from dnsguard.plan.checks import (
     NFT_COMMENT_MAX,
     UnsafeValue,
@@ -155,3 +158,25 @@ def test_a_skipped_service_is_logged_and_counted_once(caplog: pytest.LogCaptureF
     assert [r.getMessage().count("shop/zoned") for r in caplog.records] == [1, 1]
     assert m.registry.get_sample_value("dnsguard_services_skipped_total",
                                        {"reason": "invalid"}) == 2.0
+
+
+def test_a_zone_id_never_reaches_unbound_conf() -> None:
+    """The issue's injection: ``fd00::1%<newline>python-script: ...`` as an upstream."""
+    zoned = ip("fd00::1%\npython-script: x.py")
+    spec = CacheSpec(listen=(ip("169.254.20.10"),), health_port=53053,
+                     cluster_domain="cluster.local", cluster_upstreams=((zoned, 53),),
+                     external_upstreams=(), ipv6=True)
+    with pytest.raises(UnsafeValue):
+        render_unbound(spec, Path("/run/dnsguard"))
+    ok = CacheSpec(listen=spec.listen, health_port=53053, cluster_domain="cluster.local",
+                   cluster_upstreams=((ip("fd00::1"), 53),), external_upstreams=(), ipv6=True)
+    assert "forward-addr: fd00::1@53" in render_unbound(ok, Path("/run/dnsguard"))
+
+
+def test_an_api_address_with_a_zone_id_is_ignored() -> None:
+
+    obj = {"metadata": {"namespace": "a", "name": "b"},
+           "spec": {"clusterIPs": ["198.18.1.1"], "ports": [{"port": 80}],
+                    "externalIPs": ["fd00::1%\npython-script: x", "198.19.0.1"]}}
+    got = service_external(obj)
+    assert got is not None and got.external_ips == (ip("198.19.0.1"),)

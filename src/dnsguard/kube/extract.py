@@ -40,8 +40,13 @@ def object_key(obj: Mapping[str, Any]) -> str:
 
 
 def _ip(raw: object, what: str) -> IPAddress | None:
+    """An address, or None (logged): ``ipaddress`` takes a zone ID of any text (``%...``,
+    newlines included), which no API address has and no rule or config may carry."""
+    text = str(raw)
     try:
-        return ipaddress.ip_address(str(raw))
+        if "%" in text:
+            raise ValueError(text)
+        return ipaddress.ip_address(text)
     except ValueError:
         log.warning("ignoring %s %r: not an IP address", what, raw)
         return None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dnsguard.model import IPAddress
+from dnsguard.plan import checks
 
 __all__ = ["HEALTH_NAME", "CacheSpec", "render_unbound"]
 
@@ -33,7 +34,7 @@ class CacheSpec:
 
 
 def _addr(ep: Endpoint) -> str:
-    return f"{ep[0]}@{ep[1]}"
+    return f"{checks.check_addr(ep[0])}@{checks.check_port(ep[1])}"  # no zone ID: free text
 
 
 def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
