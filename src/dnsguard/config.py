@@ -53,6 +53,8 @@ class Settings:
     drop_invalid_input: bool = False
     #: DNAT pods' and the node's traffic to Services' external/LB IPs to their ClusterIPs
     external_to_cluster: bool = False
+    #: the only ranges external IPs may be claimed from (empty: any not reserved)
+    external_cidrs: tuple[IPNetwork, ...] = ()
     # node-local cache (--mitigation nodelocal)
     local_ips: tuple[IPAddress, ...] = (ipaddress.ip_address("169.254.20.10"),)
     upstreams: tuple[tuple[IPAddress, int], ...] = ()
@@ -96,6 +98,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--external-to-cluster", action="store_true", default=None,
                         help="(ipvs mode) pods' and the node's traffic to a Service's external "
                              "or load-balancer IPs goes to its ClusterIP (needs the API)")
+    parser.add_argument("--external-cidr", action="append", metavar="CIDR",
+                        help="with --external-to-cluster: only external IPs in these ranges "
+                             "are claimed (repeatable; default any not reserved)")
     kube = parser.add_argument_group("Kubernetes API (facts the flags do not give)")
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="default: in-cluster config when in a pod, else no API")
@@ -191,8 +196,8 @@ def _cidr(flag: str, raw: str) -> IPNetwork:
         raise ConfigError(f"invalid {flag} {raw!r}: {exc}") from None
     if net.prefixlen == 0:
         # every address: NOTRACK of "replies to pods" would untrack masqueraded replies too
-        raise ConfigError(f"invalid {flag} {raw!r}: a default route range (/0) is not a "
-                          "pod range")
+        raise ConfigError(f"invalid {flag} {raw!r}: a default route range (/0) is every "
+                          "address")
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
         raise ConfigError(f"invalid {flag} {raw!r}: an IPv4-mapped range; write it as IPv4")
     return net
@@ -320,6 +325,8 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     kwargs["dns_ips"] = _dedup([_unicast("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
     kwargs["pod_cidrs"] = _dedup(
         [_cidr("--pod-cidr", v) for v in _items(_raw(ns, env, "--pod-cidr"))])
+    kwargs["external_cidrs"] = _dedup(
+        [_cidr("--external-cidr", v) for v in _items(_raw(ns, env, "--external-cidr"))])
     if (raw := _raw(ns, env, "--sync-interval")) is not None:
         kwargs["sync_interval"] = _seconds("--sync-interval", str(raw), 0.1)
     if local := _items(_raw(ns, env, "--local-ip")):

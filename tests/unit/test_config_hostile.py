@@ -3,10 +3,12 @@ the flag and the whole value, exit 2, and no command run (nothing changed)."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
-from dnsguard.cli import main
-from dnsguard.config import MAX_SECONDS
+from dnsguard.cli import build_parser, main
+from dnsguard.config import MAX_SECONDS, settings_from
 from dnsguard.testing.fakes import FakeRunner
 
 BASE = ["apply", "--proxy-mode", "ipvs", "--backend", "iptables-nft"]
@@ -47,6 +49,8 @@ def run_with(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> tuple
     ("--cluster-domain", "clustér.local", "non-ASCII"),
     ("--cluster-domain", "a_b.local", "not a hostname label"),
     ("--metrics-address", "[fe80::1%eth0]:9253", "zone ID"),
+    ("--external-cidr", "0.0.0.0/0", "every address: no limit at all"),
+    ("--external-cidr", "198.19.5.1/24", "host bits set"),
 ])
 def test_bad_value_exits_2_naming_flag_and_value(flag: str, value: str, why: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,3 +98,10 @@ def test_an_unusable_kubeconfig_file_exits_2(tmp_path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert rc == 2 and f"--kubeconfig {bad}" in err.splitlines()[-1]
     assert not any("restore" in argv[0] or "-f" in argv for argv, _ in runner.calls)
+
+
+def test_external_cidr_is_repeatable_and_typed() -> None:
+    ns = build_parser().parse_args(["plan", "--external-cidr", "198.19.5.0/24",
+                                    "--external-cidr", "fd00:198:18:5::/64"])
+    assert settings_from(ns, {}).external_cidrs == (ipaddress.ip_network("198.19.5.0/24"),
+                                                    ipaddress.ip_network("fd00:198:18:5::/64"))

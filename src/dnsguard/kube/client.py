@@ -126,6 +126,11 @@ def node(api: ApiClient, name: str) -> ListWatch:
                      field_selector=f"metadata.name={name}")
 
 
+def all_nodes(api: ApiClient) -> ListWatch:
+    """Every Node in the cluster (for their addresses; paginated list, then one watch)."""
+    return ListWatch(kind="nodes", list_fn=Collection(api, "/api/v1/nodes"))
+
+
 def all_services(api: ApiClient) -> ListWatch:
     """Every Service in the cluster (paginated list, then one watch)."""
     return ListWatch(kind="services", list_fn=Collection(api, "/api/v1/services"))

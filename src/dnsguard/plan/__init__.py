@@ -88,8 +88,9 @@ def plan(facts: NodeFacts, settings: Settings) -> Plan:
         p = Plan(())
     services: tuple[ExternalService, ...] = ()
     if settings.external_to_cluster:
-        services, skipped = external.checked_services(facts.external_services)
-        p = replace(p, skipped=skipped)
+        services, invalid = external.checked_services(facts.external_services)
+        services, refused = external.claimed_services(facts, services, settings.external_cidrs)
+        p = replace(p, skipped=(*invalid, *refused))
     for family in (Family.V4, Family.V6):
         if family not in facts.families:
             continue
