@@ -8,7 +8,9 @@ namespace only gives the tools a kernel to ask about matches and targets.
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,17 @@ from dnsguard.model import Backend, Family
 from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
 from dnsguard.plan import Plan
 from dnsguard.plan.render import nft_table
+
+_TOOLS = ("ip", "nft", "iptables-legacy-restore", "iptables-nft-restore",
+          "ip6tables-legacy-restore", "ip6tables-nft-restore")
+
+
+def unavailable() -> str | None:
+    """Why the kernel tools cannot judge here (not root, a tool missing), or None."""
+    if os.geteuid() != 0:
+        return "needs root (a network namespace)"
+    missing = [t for t in _TOOLS if shutil.which(t) is None]
+    return f"missing tools: {', '.join(missing)}" if missing else None
 
 
 @contextmanager
