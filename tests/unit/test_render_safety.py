@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from dnsguard.cli import render_plan
 from dnsguard.config import Settings
-from dnsguard.kube.extract import service_external
+from dnsguard.kube.extract import node_pod_cidrs, service_external
 from dnsguard.metrics import Metrics, SkipReport
 from dnsguard.model import (
     Backend,
@@ -180,3 +180,10 @@ def test_an_api_address_with_a_zone_id_is_ignored() -> None:
                     "externalIPs": ["fd00::1%\npython-script: x", "198.19.0.1"]}}
     got = service_external(obj)
     assert got is not None and got.external_ips == (ip("198.19.0.1"),)
+
+
+def test_a_node_pod_cidr_with_a_zone_id_or_of_every_address_is_ignored() -> None:
+
+    obj = {"metadata": {"name": "n1"},
+           "spec": {"podCIDRs": ["fd00:198:18::%\nx/64", "0.0.0.0/0", "198.18.0.0/24"]}}
+    assert node_pod_cidrs(obj) == (net("198.18.0.0/24"),)

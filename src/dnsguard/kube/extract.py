@@ -121,9 +121,15 @@ def node_pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
         if not value:
             continue
         try:
+            # no zone ID (free text ipaddress keeps), no /0 (every address is no pod range)
+            if "%" in str(value):
+                raise ValueError(value)
             net = ipaddress.ip_network(str(value), strict=True)
+            if net.prefixlen == 0:
+                raise ValueError(value)
         except ValueError:
-            log.warning("ignoring podCIDR %r of Node %s: not a network", value, object_key(obj))
+            log.warning("ignoring podCIDR %r of Node %s: not a pod range", value,
+                        object_key(obj))
             continue
         if net not in cidrs:
             cidrs.append(net)
