@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from dnsguard.cli import render_plan
+from dnsguard.cli import _replanner, render_plan
 from dnsguard.config import Settings
 from dnsguard.facts import Observed, with_cluster
-from dnsguard.kube import Backoff, KubeSource
+from dnsguard.kube import Backoff, ClusterFacts, KubeSource
 from dnsguard.kube.extract import node_addresses, service_external
+from dnsguard.metrics import Metrics, SkipReport
 from dnsguard.model import (
     Backend,
     ExternalService,
@@ -176,3 +178,31 @@ def test_the_api_gives_every_nodes_addresses_and_a_node_ip_is_not_claimed(
     p = plan(f, eff)
     assert claimed(p) == {"evil/kubelet": {"198.19.5.5"}}
     assert [(s.key, s.reason) for s in p.skipped] == [("evil/kubelet", "reserved_ip")]
+
+
+class _Source:
+    """Just what `_replanner` reads of a KubeSource: the latest facts."""
+
+    def __init__(self, cf: Any) -> None:
+        self.cf = cf
+
+    def snapshot(self) -> Any:
+        return self.cf
+
+
+def test_the_agents_replans_count_a_refused_claim_once(caplog: pytest.LogCaptureFixture) -> None:
+    thief = svc("evil/thief", str(NODE_IP), "198.19.5.5")
+    cf = ClusterFacts((), (), (net("198.18.0.0/24"),), "", (thief,), node_ips=(NODE_IP,))
+    obs = Observed(NodeFacts(ProxyMode.IPVS), Backend.IPTABLES_NFT, ())
+    m = Metrics(CollectorRegistry())
+    skips = SkipReport(m.services_skipped)
+    replan = _replanner(_Source(cf), ONLY_EXT, obs, skips)  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="dnsguard.metrics"):
+        first, second = replan(), replan()
+    assert first is not None and first == second
+    assert claimed(first) == {"evil/thief": {"198.19.5.5"}}
+    assert [r.getMessage() for r in caplog.records if "evil/thief" in r.getMessage()] == [
+        f"leaving Service evil/thief out of the plan (reserved_ip): external IP {NODE_IP}: "
+        "a node, API server, DNS or ClusterIP address"]
+    assert m.registry.get_sample_value("dnsguard_services_skipped_total",
+                                       {"reason": "reserved_ip"}) == 1.0
