@@ -1,6 +1,7 @@
 """Property: whatever Services the API hands us, the rules dnsguard renders are accepted by
 ``nft -c -f`` and ``iptables-restore --test`` (legacy and nft flavours, both families), or the
-odd Service alone is left out (issue 13).
+odd Service alone is left out (issue 13); whatever the flags say, they are refused in one line
+or give rules the kernel tools accept.
 
 The objects are what the API could send: namespaces and names up to its limits (63
 characters), unicode where it allows it (port names, ingress hostnames: dnsguard must ignore
@@ -23,10 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from render_check import kernel_rejections, scratch_netns, unavailable
 
-from dnsguard.config import Settings
+from dnsguard.cli import build_parser
+from dnsguard.config import ConfigError, Settings, settings_from
 from dnsguard.kube.extract import service_external
 from dnsguard.model import Family, Mitigation, NodeFacts, ProxyMode
-from dnsguard.plan import Plan, plan
+from dnsguard.plan import Plan, PlanRefused, plan
+from dnsguard.plan.cache import render_unbound
 from dnsguard.plan.checks import IPTABLES_COMMENT_MAX, NFT_COMMENT_MAX
 from dnsguard.plan.render import iptables_rule, nft_rule
 
@@ -146,3 +149,74 @@ def test_any_services_give_rules_the_kernel_tools_accept(netns: str) -> None:
     check()
     # the examples did exercise both paths: rules written, and claims refused
     assert seen["rules"] > 0 and seen["skipped"] > 0, seen
+
+
+#: flag values: valid-looking addresses and ranges of every kind, and arbitrary text
+_FLAG_TEXT = st.one_of(
+    st.ip_addresses().map(str), st.ip_addresses().map(lambda ip: ip.exploded),
+    st.builds(lambda ip, n: f"{ip}/{n}", st.ip_addresses(), st.integers(0, 128)),
+    st.sampled_from(["198.18.1.10", "fd00:198:18:1::a", "198.18.0.0/16", "fd00:198:18::/48",
+                     "169.254.20.10", "198.18.1.11:5353", "[fd00:198:18::1]:53",
+                     "fe80::1%eth0", "fd00::1%\npython-script: x", "::ffff:198.18.1.10"]),
+    st.text(max_size=40))
+
+
+_GOOD = {
+    "--dns-ip": ["198.18.1.10", "fd00:198:18:1::a", "198.18.255.255",
+                 "fd00:198:18:1:ffff:ffff:ffff:ffff"],
+    "--pod-cidr": ["198.18.0.0/24", "fd00:198:18::/64", "198.18.0.0/15", "198.18.0.128/25",
+                   "fd00:198:18:ffff:ffff:ffff:ffff:ff00/120"],
+    "--local-ip": ["169.254.20.10", "fd00:198:18:2::a", "198.18.2.10"],
+    "--upstream": ["198.18.1.11", "198.18.1.11:5353", "[fd00:198:18::1]:53", "fd00:198:18::1",
+                   "127.0.0.1:5353", "[fd00:198:18:1:ffff:ffff:ffff:ffff]:65535"],
+}
+
+
+@st.composite
+def flag_sets(draw: st.DrawFn) -> list[str]:
+    argv = ["plan", "--proxy-mode", draw(st.sampled_from(["ipvs", "ipvs", "iptables",
+                                                          "nftables"])),
+            "--mitigation", draw(st.sampled_from(["notrack", "nodelocal"]))]
+    for flag, good in _GOOD.items():
+        # mostly values a user would give, so that plans get rendered; sometimes anything
+        odd = draw(st.integers(0, 9)) == 0
+        for value in draw(st.lists(_FLAG_TEXT if odd else st.sampled_from(good),
+                                   min_size=flag != "--local-ip", max_size=2)):
+            argv += [flag, value]
+    return argv
+
+
+@pytest.mark.root
+def test_any_flag_values_give_a_one_line_error_or_rules_the_kernel_accepts(netns: str) -> None:
+    """Flags are the other untrusted input: every value is refused in one line naming its
+    flag, refused as a plan, or rendered into rules (and unbound.conf) that hold no injected
+    line."""
+    seen = {"refused": 0, "rules": 0}
+
+    @given(flag_sets())
+    @CASES
+    def check(argv: list[str]) -> None:
+        try:
+            s = settings_from(build_parser().parse_args(argv), {})
+        except ConfigError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith("invalid --")
+            seen["refused"] += 1
+            return
+        mode = ProxyMode(argv[2])
+        facts = NodeFacts(mode, dns_ips=s.dns_ips, pod_cidrs=s.pod_cidrs,
+                          families=frozenset({Family.V4, Family.V6}))
+        try:
+            p = plan(facts, s)
+        except PlanRefused as exc:
+            assert "\n" not in str(exc)
+            seen["refused"] += 1
+            return
+        assert kernel_rejections(netns, p) == {}
+        seen["rules"] += p.rule_count
+        if p.cache is not None:
+            conf = render_unbound(p.cache, s.state_dir)
+            keys = {ln.split(":")[0].strip() for ln in conf.splitlines() if ln.strip()}
+            assert "python-script" not in keys
+
+    check()
+    assert seen["refused"] > 0 and seen["rules"] > 0, seen
