@@ -26,9 +26,9 @@ from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
 from dnsguard.cache.unbound import CacheError, Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
-from dnsguard.kube import KubeApiError, KubeError, KubeSource
+from dnsguard.kube import KubeApiError, KubeConfigError, KubeError, KubeSource
 from dnsguard.logs import setup_logging
-from dnsguard.metrics import Metrics, Probe, serve
+from dnsguard.metrics import Metrics, Probe, SkipReport, serve
 from dnsguard.model import Backend, Family, ProxyMode
 from dnsguard.netfilter import Netfilter, NetfilterError, SubprocessRunner, cleanup, inventory
 from dnsguard.netfilter.iptables import TableState, desired_tables, restore_text
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
                    "cleanup": cmd_cleanup, "status": cmd_status, **cli_diag.COMMANDS}[args.command]
         return command(args, settings, runner)
-    except (ConfigError, PlanRefused) as exc:
+    except (ConfigError, PlanRefused, KubeConfigError) as exc:
+        # a kubeconfig that cannot be used is bad input, like a bad flag: exit 2
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (NetfilterError, KubeError) as exc:
@@ -106,7 +107,9 @@ def _observe_and_plan(settings: Settings, runner: Runner) -> tuple[Observed, Pla
     """Node facts, plus the API's facts (one list) for whatever the flags did not give."""
     obs = _observe(settings, runner)
     eff, facts = with_cluster(settings, obs, load_cluster(settings))
-    return obs, plan(facts, eff)
+    p = plan(facts, eff)
+    SkipReport()(p.skipped)
+    return obs, p
 
 
 def render_plan(p: Plan, backend: Backend) -> str:
@@ -174,9 +177,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
                                  f"{settings.state_dir}: {exc.strerror or exc}") from None
             raise
     metrics = Metrics(CollectorRegistry())
+    skips = SkipReport(metrics.services_skipped)
+    skips(p.skipped)
     agent = Agent(nf, p, interval=settings.sync_interval, cache=cache, metrics=metrics,
                   state_dir=settings.state_dir,
-                  replan=_replanner(source, settings, obs) if source else None,
+                  replan=_replanner(source, settings, obs, skips) if source else None,
                   kube_status=source.status if source else None)
     metrics.watch(agent, runner)
     stop = threading.Event()
@@ -238,7 +243,7 @@ def _first_plan(source: KubeSource, settings: Settings, obs: Observed) -> Plan:
 
 
 def _replanner(source: KubeSource, settings: Settings, obs: Observed,
-               ) -> Callable[[], Plan | None]:
+               skips: SkipReport | None = None) -> Callable[[], Plan | None]:
     """The agent calls this each loop turn: a new plan when the API's facts changed.
 
     A refused plan (the DNS Service was deleted, say) keeps the old one: never tear down rules
@@ -253,12 +258,15 @@ def _replanner(source: KubeSource, settings: Settings, obs: Observed,
             return None
         eff, facts = with_cluster(settings, obs, cf)
         try:
-            return plan(facts, eff)
+            new = plan(facts, eff)
         except PlanRefused as exc:
             if str(exc) != last_refusal:
                 log.warning("keeping the current rules: new facts give no valid plan: %s", exc)
                 last_refusal = str(exc)
             return None
+        if skips is not None:
+            skips(new.skipped)
+        return new
 
     return replan
 

@@ -4,6 +4,13 @@ Every flag ``--some-flag`` can also come from ``DNSGUARD_SOME_FLAG``; the flag w
 flags take a comma-separated list from the environment. Values are parsed once, here, into typed
 fields (addresses, networks, seconds as float), so nothing downstream re-parses strings. Any bad
 value raises `ConfigError` whose message is one line naming the flag and the value.
+
+Values are checked for what they mean, not only for their syntax: digits are ASCII only
+(``str.isdigit`` takes ``²``, ``float`` takes fullwidth digits), durations are capped at
+`MAX_SECONDS` (``1e300`` seconds overflows the timers that use it), addresses carry no
+zone ID (Python's `ipaddress` keeps ``fe80::1%<anything>`` and prints it back into config
+text) and are not IPv4-mapped IPv6 (``::ffff:10.96.0.10`` is the IPv4 address in disguise:
+write it as IPv4), and each address flag refuses the kinds of address it cannot mean.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ ExternalVia = Literal["cluster", "node"]
 
 
 MIB = 1 << 20
+
+
+#: the longest duration any flag takes (a day): enough for every interval and drain, and far
+#: below what the timers (threading waits, signal handling) can represent
+MAX_SECONDS = 86400.0
 
 
 class ConfigError(ValueError):
@@ -59,6 +71,8 @@ class Settings:
     drop_invalid_input: bool = False
     #: DNAT pods' and the node's traffic to Services' external/LB IPs to their ClusterIPs
     external_to_cluster: bool = False
+    #: the only ranges external IPs may be claimed from (empty: any not reserved)
+    external_cidrs: tuple[IPNetwork, ...] = ()
     # node-local cache (--mitigation nodelocal)
     local_ips: tuple[IPAddress, ...] = (ipaddress.ip_address("169.254.20.10"),)
     upstreams: tuple[tuple[IPAddress, int], ...] = ()
@@ -113,6 +127,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--external-to-cluster", action="store_true", default=None,
                         help="(ipvs mode) pods' and the node's traffic to a Service's external "
                              "or load-balancer IPs goes to its ClusterIP (needs the API)")
+    parser.add_argument("--external-cidr", action="append", metavar="CIDR",
+                        help="with --external-to-cluster: only external IPs in these ranges "
+                             "are claimed (repeatable; default any not reserved)")
     kube = parser.add_argument_group("Kubernetes API (facts the flags do not give)")
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="default: in-cluster config when in a pod, else no API")
@@ -183,23 +200,60 @@ def _choice(flag: str, raw: str, choices: Sequence[str]) -> str:
 
 
 def parse_ip(flag: str, raw: str) -> IPAddress:
-    """An address from a flag or env value; ConfigError names the flag and the value."""
+    """An address from a flag or env value; ConfigError names the flag and the value.
+
+    No zone ID (``%eth0``) and no IPv4-mapped IPv6 address: neither means anything in a rule
+    or a listen address, and a zone ID is free text.
+    """
+    if "%" in raw:
+        raise ConfigError(f"invalid {flag} {raw!r}: a zone ID (%...) is not allowed")
     try:
-        return ipaddress.ip_address(raw)
+        ip = ipaddress.ip_address(raw)
     except ValueError:
         raise ConfigError(f"invalid {flag} {raw!r}: not an IPv4 or IPv6 address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise ConfigError(f"invalid {flag} {raw!r}: an IPv4-mapped IPv6 address; "
+                          f"write it as {ip.ipv4_mapped}")
+    return ip
+
+
+def _not_one_host(ip: IPAddress, *, loopback: bool = False) -> str | None:
+    """Why ``ip`` is not one host a rule or a listener can mean: unspecified, multicast,
+    broadcast, or (unless allowed) loopback; None when it is."""
+    return ("unspecified" if ip.is_unspecified else "multicast" if ip.is_multicast
+            else "broadcast" if ip == ipaddress.IPv4Address("255.255.255.255")
+            else "loopback" if ip.is_loopback and not loopback else None)
+
+
+def _unicast(flag: str, raw: str) -> IPAddress:
+    """`parse_ip` that refuses what `_not_one_host` refuses."""
+    ip = parse_ip(flag, raw)
+    if kind := _not_one_host(ip):
+        raise ConfigError(f"invalid {flag} {raw!r}: a {kind} address")
+    return ip
 
 
 def _cidr(flag: str, raw: str) -> IPNetwork:
+    if "%" in raw:
+        raise ConfigError(f"invalid {flag} {raw!r}: a zone ID (%...) is not allowed")
     try:
-        return ipaddress.ip_network(raw, strict=True)
+        net = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
         raise ConfigError(f"invalid {flag} {raw!r}: {exc}") from None
+    if net.prefixlen == 0:
+        # every address: NOTRACK of "replies to pods" would untrack masqueraded replies too
+        raise ConfigError(f"invalid {flag} {raw!r}: a default route range (/0) is every "
+                          "address")
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
+        raise ConfigError(f"invalid {flag} {raw!r}: an IPv4-mapped range; write it as IPv4")
+    return net
 
 
-def _port(flag: str, raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise ConfigError(f"invalid {flag} {raw!r}: not a port number (1-65535)")
+def _port(flag: str, raw: str, *, whole: str | None = None) -> int:
+    """A port 1-65535 in ASCII digits; ``whole``: the value to quote when ``raw`` is part."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"invalid {flag} {raw if whole is None else whole!r}: "
+                          "not a port number (1-65535)")
     return int(raw)
 
 
@@ -214,10 +268,14 @@ def _endpoint(flag: str, raw: str) -> tuple[IPAddress, int]:
     elif raw.count(":") == 1:
         host, port = raw.split(":")
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"invalid {flag} {raw!r}: not an IP address or IP:PORT") from None
-    return ip, _port(flag, port)
+        ip = parse_ip(flag, host)
+    except ConfigError:
+        raise ConfigError(f"invalid {flag} {raw!r}: not an IP address or IP:PORT (no zone ID, "
+                          "not IPv4-mapped)") from None
+    # a resolver on the node's loopback is a fine upstream
+    if kind := _not_one_host(ip, loopback=True):
+        raise ConfigError(f"invalid {flag} {raw!r}: a {kind} address")
+    return ip, _port(flag, port, whole=raw)
 
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -235,34 +293,43 @@ def _hostport(flag: str, raw: str) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host:
         raise ConfigError(f"invalid {flag} {raw!r}: expected HOST:PORT")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ConfigError(f"invalid {flag} {raw!r}: HOST must be an IP address") from None
-    return host, _port(flag, port)
+    if host != "localhost":
+        try:
+            parse_ip(flag, host)
+        except ConfigError:
+            raise ConfigError(f"invalid {flag} {raw!r}: HOST must be an IP address (no zone "
+                              "ID)") from None
+    return host, _port(flag, port, whole=raw)
+
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _domain(flag: str, raw: str) -> str:
+    """An ASCII DNS name (letters, digits, inner hyphens; 253 characters at most): it is
+    written into unbound.conf, and an IDN must be given in its ``xn--`` form."""
     name = raw.strip(".").lower()
-    labels = name.split(".")
-    if not name or any(not lb or len(lb) > 63 or not all(c.isalnum() or c == "-" for c in lb)
-                       for lb in labels):
-        raise ConfigError(f"invalid {flag} {raw!r}: not a DNS domain name")
+    if (not name or len(name) > 253 or not name.isascii()
+            or not all(_LABEL.fullmatch(lb) for lb in name.split("."))):
+        raise ConfigError(f"invalid {flag} {raw!r}: not an ASCII DNS domain name")
     return name
 
 
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
 def _seconds(flag: str, raw: str, minimum: float) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"invalid {flag} {raw!r}: not a number of seconds") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"invalid {flag} {raw!r}: must be at least {minimum:g} seconds")
+    """Plain ASCII decimal seconds, ``minimum`` to `MAX_SECONDS`."""
+    if not _NUMBER.fullmatch(raw.strip()):
+        raise ConfigError(f"invalid {flag} {raw!r}: not a number of seconds")
+    value = float(raw)
+    if not minimum <= value <= MAX_SECONDS:
+        raise ConfigError(f"invalid {flag} {raw!r}: must be {minimum:g} to {MAX_SECONDS:g} "
+                          "seconds")
     return value
 
 
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_DURATION = re.compile(r"^([0-9]+)([smhd]?)$")
 _SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -278,7 +345,7 @@ def _duration(flag: str, raw: str, minimum: int, maximum: int) -> float:
     return float(value)
 
 
-_SIZE = re.compile(r"^(\d+)([kmg]?)$")
+_SIZE = re.compile(r"^([0-9]+)([kmg]?)$")
 
 
 def _size(flag: str, raw: str, minimum: int, maximum: int) -> int:
@@ -327,6 +394,14 @@ def _zone_items(raw: str | list[str] | None) -> list[str]:
     return groups
 
 
+def _file(flag: str, raw: str) -> Path:
+    """A path to an existing regular file: caught here, before anything is observed."""
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"invalid {flag} {raw!r}: no such file")
+    return path
+
+
 def _bool(ns: argparse.Namespace, env: Mapping[str, str], flag: str) -> bool | None:
     """A ``store_true`` flag, or its variable as 1/0, true/false, yes/no; None when unset."""
     raw = _raw(ns, env, flag)
@@ -358,13 +433,15 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     if (raw := _raw(ns, env, "--backend")) is not None:
         b = _choice("--backend", str(raw), ["auto", *(m.value for m in Backend)])
         kwargs["backend"] = "auto" if b == "auto" else Backend(b)
-    kwargs["dns_ips"] = _dedup([parse_ip("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
+    kwargs["dns_ips"] = _dedup([_unicast("--dns-ip", v) for v in _items(_raw(ns, env, "--dns-ip"))])
     kwargs["pod_cidrs"] = _dedup(
         [_cidr("--pod-cidr", v) for v in _items(_raw(ns, env, "--pod-cidr"))])
+    kwargs["external_cidrs"] = _dedup(
+        [_cidr("--external-cidr", v) for v in _items(_raw(ns, env, "--external-cidr"))])
     if (raw := _raw(ns, env, "--sync-interval")) is not None:
         kwargs["sync_interval"] = _seconds("--sync-interval", str(raw), 0.1)
     if local := _items(_raw(ns, env, "--local-ip")):
-        kwargs["local_ips"] = _dedup([parse_ip("--local-ip", v) for v in local])
+        kwargs["local_ips"] = _dedup([_unicast("--local-ip", v) for v in local])
     kwargs["upstreams"] = _dedup(
         [_endpoint("--upstream", v) for v in _items(_raw(ns, env, "--upstream"))])
     if (raw := _raw(ns, env, "--cluster-domain")) is not None:
@@ -397,7 +474,7 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     if (raw := _raw(ns, env, "--serve-stale")) is not None:
         kwargs["serve_stale"] = _duration("--serve-stale", str(raw), 0, 86400)
     if (raw := _raw(ns, env, "--kubeconfig")) is not None:
-        kwargs["kubeconfig"] = Path(str(raw))
+        kwargs["kubeconfig"] = _file("--kubeconfig", str(raw))
     if svcs := _items(_raw(ns, env, "--dns-service")):
         kwargs["dns_services"] = _dedup([_service("--dns-service", v) for v in svcs])
     if node := (_raw(ns, env, "--node-name") or env.get("NODE_NAME")):

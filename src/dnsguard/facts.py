@@ -118,5 +118,6 @@ def with_cluster(settings: Settings, obs: Observed,
     )
     facts = replace(obs.facts, dns_ips=eff.dns_ips, pod_cidrs=eff.pod_cidrs,
                     dns_endpoints=tuple(ip for ip, _ in cluster.dns_endpoints),
-                    external_services=cluster.external_services)
+                    external_services=cluster.external_services, node_ips=cluster.node_ips,
+                    api_server_ips=cluster.api_server_ips)
     return eff, facts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,11 +23,12 @@ from prometheus_client.registry import Collector
 
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.conntrack import read_conntrack
+from dnsguard.plan.external import SKIP_REASONS, Skipped
 
 if TYPE_CHECKING:
     from dnsguard.agent import Agent
 
-__all__ = ["SYNC_ERROR_REASONS", "Metrics", "serve"]
+__all__ = ["SYNC_ERROR_REASONS", "Metrics", "SkipReport", "serve"]
 
 log = logging.getLogger("dnsguard.metrics")
 
@@ -58,6 +59,12 @@ class Metrics:
         self.probe_failures = Counter(
             "dnsguard_probe_failures_total", "Self-probe lookups that got no answer.",
             ["target"], registry=registry)
+        self.services_skipped = Counter(
+            "dnsguard_services_skipped", "Services, or external IPs of them, left out of the "
+            "plan, by reason; counted once each time one starts being left out.", ["reason"],
+            registry=registry)
+        for reason in SKIP_REASONS:
+            self.services_skipped.labels(reason)
         for kind in ("noop", "write"):
             self.sync_duration.labels(kind)
         for reason in SYNC_ERROR_REASONS:
@@ -72,6 +79,26 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SkipReport:
+    """Logs and counts each Service the plan leaves out once, not on every replan.
+
+    A skip is new when its (Service, reason, detail) was not in the previous plan's list; one
+    that goes away and comes back is reported again.
+    """
+
+    def __init__(self, counter: Counter | None = None) -> None:
+        self.counter = counter
+        self.current: frozenset[Skipped] = frozenset()
+
+    def __call__(self, skipped: Iterable[Skipped]) -> None:
+        now = frozenset(skipped)
+        for s in sorted(now - self.current, key=lambda s: (s.key, s.reason, s.detail)):
+            log.warning("leaving Service %s out of the plan (%s): %s", s.key, s.reason, s.detail)
+            if self.counter is not None:
+                self.counter.labels(s.reason).inc()
+        self.current = now
 
 
 class _StateCollector(Collector):

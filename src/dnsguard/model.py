@@ -214,6 +214,10 @@ class NodeFacts:
     dns_endpoints: tuple[IPAddress, ...] = ()
     #: Services with external IPs or load-balancer ingress IPs (--external-to-cluster)
     external_services: tuple[ExternalService, ...] = ()
+    #: every Node's addresses (status.addresses), never claimable as an external IP
+    node_ips: tuple[IPAddress, ...] = ()
+    #: the API server's addresses (kubeconfig host, the kubernetes Service), never claimable
+    api_server_ips: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,3 +236,10 @@ class ExternalService:
     ports: tuple[ServicePort, ...]
     #: spec.externalIPs and status.loadBalancer.ingress[].ip, deduplicated
     external_ips: tuple[IPAddress, ...]
+    #: those of ``external_ips`` from status.loadBalancer.ingress: they win a duplicate claim
+    lb_ips: tuple[IPAddress, ...] = ()
+    #: metadata.creationTimestamp as the API writes it (RFC 3339, UTC): the older Service
+    #: wins a duplicate claim; "" when unknown (then it loses to any dated one)
+    created: str = ""
+    #: metadata.uid: breaks a tie of ``created``
+    uid: str = ""

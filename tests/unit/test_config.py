@@ -130,7 +130,7 @@ def test_forward_zones_from_flags_and_env_are_typed_and_sorted() -> None:
     (["--forward-zone", "corp.example=ftp:198.18.7.1"], {},
      "invalid --forward-zone 'ftp:198.18.7.1'"),
     (["--forward-zone", "corp.example=198.18.7.1:0"], {},
-     "invalid --forward-zone '0': not a port number"),
+     "invalid --forward-zone '198.18.7.1:0': not a port number"),
     (["--forward-zone", "corp.example=198.18.7.1:65536"], {}, "not a port number"),
     (["--forward-zone", "corp.example=198.18.7.1", "--forward-zone", "CORP.example=198.18.7.2"],
      {}, "invalid --forward-zone 'CORP.example=198.18.7.2': zone corp.example given twice"),

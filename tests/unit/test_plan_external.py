@@ -76,7 +76,8 @@ def test_extract_keeps_only_what_the_planner_needs() -> None:
     assert service_external(obj) == ExternalService(
         "shop/web", (ip("198.18.1.20"), ip("fd00:198:18:1::14")),
         (ServicePort(Proto.TCP, 80), ServicePort(Proto.TCP, 443)),
-        (ip("198.19.5.1"), ip("fd00:198:18:5::1")))
+        (ip("198.19.5.1"), ip("fd00:198:18:5::1")),
+        lb_ips=(ip("fd00:198:18:5::1"), ip("198.19.5.1")))
     assert service_external(svc_object("a", "b", ["198.18.1.1"])) is None  # no external IP
     assert service_external(svc_object("a", "b", ["None"], external=["198.19.0.1"])) is None
 

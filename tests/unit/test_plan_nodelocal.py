@@ -214,7 +214,7 @@ def test_unbound_config_is_deterministic_and_accepted_by_unbound(tmp_path: Path)
     (["--forward-zone", "corp.example=169.254.20.10"],
      "dnsguard: error: invalid --forward-zone corp.example: dnsguard intercepts 169.254.20.10"),
     (["--forward-zone", "corp.example=198.18.7.1:99999"],
-     "dnsguard: error: invalid --forward-zone '99999': not a port number"),
+     "dnsguard: error: invalid --forward-zone '198.18.7.1:99999': not a port number"),
     (["--cache-size", "2x"], "dnsguard: error: invalid --cache-size '2x'"),
     (["--serve-stale", "forever"], "dnsguard: error: invalid --serve-stale 'forever'"),
     (["--external-via", "node"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import yaml  # type: ignore[import-untyped]  # kubernetes depends on PyYAML; no stubs here
 from kubernetes.client.api_client import ApiClient
 from kubernetes.client.configuration import Configuration
 from kubernetes.client.exceptions import ApiException
@@ -66,11 +67,12 @@ def new_api_client(kubeconfig: str | None, *, pool_size: int = 8) -> ApiClient:
         else:
             incluster_config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=cfg)
-    except (ConfigException, OSError, ValueError) as exc:
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
         where = f"--kubeconfig {kubeconfig}" if kubeconfig else (
             "in-cluster config (no --kubeconfig given; is this running in a pod with a "
             "service account?)")
-        raise KubeConfigError(f"cannot use {where}: {exc}") from exc
+        # one line: a YAML error spans several
+        raise KubeConfigError(f"cannot use {where}: {' '.join(str(exc).split())}") from exc
     cfg.retries = False
     cfg.connection_pool_maxsize = max(pool_size, 2)
     cfg.socket_options = _keepalive()
@@ -122,6 +124,11 @@ def node(api: ApiClient, name: str) -> ListWatch:
     """This node only, as kubelet and kube-proxy watch it: list/watch with a name selector."""
     return ListWatch(kind="nodes", list_fn=Collection(api, "/api/v1/nodes"),
                      field_selector=f"metadata.name={name}")
+
+
+def all_nodes(api: ApiClient) -> ListWatch:
+    """Every Node in the cluster (for their addresses; paginated list, then one watch)."""
+    return ListWatch(kind="nodes", list_fn=Collection(api, "/api/v1/nodes"))
 
 
 def all_services(api: ApiClient) -> ListWatch:

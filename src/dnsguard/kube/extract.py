@@ -17,8 +17,8 @@ from typing import Any
 
 from dnsguard.model import DNS_PORT, ExternalService, IPAddress, IPNetwork, Proto, ServicePort
 
-__all__ = ["endpoint_key", "node_pod_cidrs", "object_key", "service_cluster_ips",
-           "service_external", "slice_dns_endpoints"]
+__all__ = ["endpoint_key", "node_addresses", "node_pod_cidrs", "object_key",
+           "service_cluster_ips", "service_external", "slice_dns_endpoints"]
 
 log = logging.getLogger("dnsguard.kube")
 
@@ -40,8 +40,13 @@ def object_key(obj: Mapping[str, Any]) -> str:
 
 
 def _ip(raw: object, what: str) -> IPAddress | None:
+    """An address, or None (logged): ``ipaddress`` takes a zone ID of any text (``%...``,
+    newlines included), which no API address has and no rule or config may carry."""
+    text = str(raw)
     try:
-        return ipaddress.ip_address(str(raw))
+        if "%" in text:
+            raise ValueError(text)
+        return ipaddress.ip_address(text)
     except ValueError:
         log.warning("ignoring %s %r: not an IP address", what, raw)
         return None
@@ -116,32 +121,61 @@ def node_pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
         if not value:
             continue
         try:
+            # no zone ID (free text ipaddress keeps), no /0 (every address is no pod range)
+            if "%" in str(value):
+                raise ValueError(value)
             net = ipaddress.ip_network(str(value), strict=True)
+            if net.prefixlen == 0:
+                raise ValueError(value)
         except ValueError:
-            log.warning("ignoring podCIDR %r of Node %s: not a network", value, object_key(obj))
+            log.warning("ignoring podCIDR %r of Node %s: not a pod range", value,
+                        object_key(obj))
             continue
         if net not in cidrs:
             cidrs.append(net)
     return tuple(cidrs)
 
 
+def node_addresses(obj: Mapping[str, Any]) -> tuple[IPAddress, ...]:
+    """A Node's addresses from ``status.addresses`` (InternalIP, ExternalIP; not Hostname)."""
+    raw = _dict(obj.get("status")).get("addresses")
+    ips: list[IPAddress] = []
+    for a in raw if isinstance(raw, list) else []:
+        entry = _dict(a)
+        if entry.get("type") in ("InternalIP", "ExternalIP") and entry.get("address"):
+            ip = _ip(entry["address"], f"address of Node {object_key(obj)}")
+            if ip is not None and ip not in ips:
+                ips.append(ip)
+    return tuple(ips)
+
+
+def _ips(values: Iterable[object], what: str) -> list[IPAddress]:
+    out: list[IPAddress] = []
+    for value in values:
+        ip = _ip(value, what) if value else None
+        if ip is not None and ip not in out:
+            out.append(ip)
+    return out
+
+
 def service_external(obj: Mapping[str, Any]) -> ExternalService | None:
     """ClusterIPs, TCP/UDP ports and external IPs of a Service that has any; else None.
 
     External IPs are ``spec.externalIPs`` and ``status.loadBalancer.ingress[].ip`` (hostname-only
-    ingress has no address to match). None keeps the Service out of the store entirely, so a
-    cluster of 10k ClusterIP-only Services costs the reflector nothing per Service.
+    ingress has no address to match). An ingress with ``ipMode: Proxy`` is left out: its load
+    balancer proxies the traffic and must see it (KEP-1860), so dnsguard does not short-circuit
+    it. None keeps the Service out of the store entirely, so a cluster of 10k ClusterIP-only
+    Services costs the reflector nothing per Service.
     """
-    spec, status = _dict(obj.get("spec")), _dict(obj.get("status"))
+    spec, status, meta = (_dict(obj.get(k)) for k in ("spec", "status", "metadata"))
     key = object_key(obj)
-    raw = list(spec.get("externalIPs") or [])
     ingress = _dict(status.get("loadBalancer")).get("ingress")
-    raw += [_dict(i).get("ip") for i in (ingress if isinstance(ingress, list) else [])]
-    external: list[IPAddress] = []
-    for value in raw:
-        ip = _ip(value, f"external IP of Service {key}") if value else None
-        if ip is not None and ip not in external:
-            external.append(ip)
+    entries = [_dict(i) for i in (ingress if isinstance(ingress, list) else [])]
+    what = f"external IP of Service {key}"
+    proxied = _ips([i.get("ip") for i in entries if i.get("ipMode") == "Proxy"], what)
+    lb = [ip for ip in _ips([i.get("ip") for i in entries], what) if ip not in proxied]
+    spec_ips = _ips(list(spec.get("externalIPs") or []), what)
+    external = [ip for ip in dict.fromkeys([*spec_ips, *lb]) if ip not in proxied]
     if not external:
         return None
     cluster_ips = service_cluster_ips(obj)
@@ -156,4 +190,7 @@ def service_external(obj: Mapping[str, Any]) -> ExternalService | None:
                 ports.append(sp)
     if not cluster_ips or not ports:
         return None
-    return ExternalService(key, cluster_ips, tuple(ports), tuple(external))
+    created, uid = meta.get("creationTimestamp"), meta.get("uid")
+    return ExternalService(key, cluster_ips, tuple(ports), tuple(external), lb_ips=tuple(lb),
+                           created=created if isinstance(created, str) else "",
+                           uid=uid if isinstance(uid, str) else "")

@@ -15,16 +15,20 @@ DNS outage on every node.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from dnsguard.kube import client as kclient
 from dnsguard.kube.backoff import Backoff, Waiter, event_wait
 from dnsguard.kube.extract import (
     endpoint_key,
+    node_addresses,
     node_pod_cidrs,
     service_cluster_ips,
     service_external,
@@ -62,10 +66,31 @@ class ClusterFacts:
     resource_versions: str
     #: Services with external or load-balancer IPs, by namespace/name (with external=True)
     external_services: tuple[ExternalService, ...] = ()
+    #: every Node's addresses, sorted (with external=True): never claimable as external IPs
+    node_ips: tuple[IPAddress, ...] = ()
+    #: the API server's addresses (kubeconfig host, $KUBERNETES_SERVICE_HOST), when IPs
+    api_server_ips: tuple[IPAddress, ...] = ()
 
 
 def _dedup(values: Sequence[T]) -> tuple[T, ...]:
     return tuple(dict.fromkeys(values))
+
+
+def _api_server_ips(host: str | None, env: Mapping[str, str] | None = None,
+                    ) -> tuple[IPAddress, ...]:
+    """The API server's addresses we know: the client's host (kubeconfig or in-cluster) and
+    the kubernetes Service's ClusterIP from the pod environment, when they are IPs."""
+    env = os.environ if env is None else env
+    hostname = urlsplit(host or "").hostname
+    found: list[IPAddress] = []
+    for raw in (hostname, env.get("KUBERNETES_SERVICE_HOST")):
+        try:
+            ip = ipaddress.ip_address(raw or "")
+        except ValueError:
+            continue
+        if ip not in found:
+            found.append(ip)
+    return tuple(found)
 
 
 class KubeSource:
@@ -119,11 +144,16 @@ class KubeSource:
         if external:
             self._external = reflector("services (all)", kclient.all_services(self._api),
                                        service_external)
+        #: every Node's addresses, for --external-to-cluster: a Service must not claim one
+        self._nodes: Reflector[tuple[IPAddress, ...]] | None = None
+        if external:
+            self._nodes = reflector("nodes (all)", kclient.all_nodes(self._api), node_addresses)
+        self._api_ips = _api_server_ips(self._api.configuration.host)
 
     @property
     def reflectors(self) -> list[Reflector[Any]]:
         found: list[Reflector[Any]] = [*self._services, *self._slices]
-        return found + [r for r in (self._node, self._external) if r is not None]
+        return found + [r for r in (self._node, self._external, self._nodes) if r is not None]
 
     def _changed(self) -> None:
         with self._cond:
@@ -179,12 +209,15 @@ class KubeSource:
         rvs = ", ".join(f"{r.name}@{r.resource_version}" for r in self.reflectors)
         ext = tuple(v for _, v in sorted(self._external.items().items())) \
             if self._external else ()
-        return ClusterFacts(dns_ips, tuple(endpoints), cidrs, rvs, ext)
+        nodes = tuple(sorted({ip for v in self._nodes.values() for ip in v},
+                             key=lambda ip: (ip.version, int(ip)))) if self._nodes else ()
+        return ClusterFacts(dns_ips, tuple(endpoints), cidrs, rvs, ext, nodes, self._api_ips)
 
     def _warn_missing(self) -> None:
         """Log once when a watched Service or the node goes missing, once when it is back."""
         now = {r.name for r in self.reflectors
-               if r.lw.kind != "endpointslices" and r is not self._external and not r.items()}
+               if r.lw.kind != "endpointslices" and r not in (self._external, self._nodes)
+               and not r.items()}
         with self._warn_lock:
             for name in sorted(now - self._missing):
                 log.warning("%s does not exist (yet): its facts are empty", name)

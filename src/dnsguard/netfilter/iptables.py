@@ -13,6 +13,7 @@ Design (after kube-proxy's iptables proxier):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from dnsguard.model import CHAIN_PREFIX, Backend, Family, Hook, Table
 from dnsguard.netfilter.errors import NetfilterError, restore_error
 from dnsguard.netfilter.runner import READ_TIMEOUT, Runner
 from dnsguard.plan import Plan
+from dnsguard.plan.checks import UnsafeValue
 from dnsguard.plan.render import (
     Tokens,
     format_iptables_line,
@@ -162,6 +164,8 @@ def restore_text(table: Table, want: TableState, have: TableState) -> str:
     changed = [name for name, rules in want.chains.items() if have.chains.get(name) != rules]
     rejump = ({h: j for h, j in want.jumps.items() if j}
               != {h: j for h, j in have.jumps.items() if j})
+    for name in (*changed, *stale):
+        _check_chain_name(name)
     lines = [f"*{table.value}"]
     lines += [f":{name} - [0:0]" for name in (*changed, *stale)]
     if rejump:
@@ -177,6 +181,20 @@ def restore_text(table: Table, want: TableState, have: TableState) -> str:
     lines += [f"-X {name}" for name in stale]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+#: what a chain name may hold in restore text: no whitespace, quotes or control characters
+_CHAIN_NAME = re.compile(r"[!#-&(-\[\]-~]{1,28}")
+
+
+def _check_chain_name(name: str) -> None:
+    """Refuse a chain name that would not stay one token of one restore line.
+
+    Ours are generated (`dnsguard.plan.checks.check_chain`); a stale one comes from the
+    kernel's listing, and is written back only to delete it.
+    """
+    if not _CHAIN_NAME.fullmatch(name):
+        raise UnsafeValue(f"chain name unsafe in iptables-restore input: {name!r}")
 
 
 class IptablesBackend:

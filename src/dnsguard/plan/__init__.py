@@ -26,6 +26,7 @@ from dnsguard.model import (
     DNS_PORT,
     Chain,
     CtState,
+    ExternalService,
     Family,
     Hook,
     IPAddress,
@@ -57,6 +58,8 @@ class Plan:
     rulesets: tuple[Ruleset, ...]
     #: the node-local cache to run, for --mitigation nodelocal
     cache: CacheSpec | None = None
+    #: Services (or external IPs) of the facts left out of the plan, and why
+    skipped: tuple[external.Skipped, ...] = ()
 
     def for_family(self, family: Family) -> Ruleset:
         for rs in self.rulesets:
@@ -83,13 +86,18 @@ def plan(facts: NodeFacts, settings: Settings) -> Plan:
                           "or pick a mitigation")
     else:
         p = Plan(())
+    services: tuple[ExternalService, ...] = ()
+    if settings.external_to_cluster:
+        services, invalid = external.checked_services(facts.external_services)
+        services, refused = external.claimed_services(facts, services, settings.external_cidrs)
+        p = replace(p, skipped=(*invalid, *refused))
     for family in (Family.V4, Family.V6):
         if family not in facts.families:
             continue
         if settings.external_to_cluster:
             untracked = settings.mitigation is Mitigation.NOTRACK
-            p = _merge(p, family, external.external_chains(facts, family,
-                                                           untracked_dns=untracked))
+            p = _merge(p, family, external.external_chains(
+                facts, family, untracked_dns=untracked, services=services))
         if settings.drop_invalid_input:
             p = _merge(p, family, [Chain(Table.FILTER, Hook.INPUT, (_DROP_INVALID,))])
     return p

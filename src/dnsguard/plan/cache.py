@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dnsguard.config import ForwardZone
 from dnsguard.model import IPAddress
+from dnsguard.plan import checks
 
 __all__ = ["HEALTH_NAME", "UNBOUND_DEFAULT_ZONES", "CacheSpec", "render_unbound"]
 
@@ -51,7 +52,7 @@ UNBOUND_DEFAULT_ZONES = ("home.arpa.", "invalid.", "onion.", "test.")
 
 
 def _addr(ep: Endpoint) -> str:
-    return f"{ep[0]}@{ep[1]}"
+    return f"{checks.check_addr(ep[0])}@{checks.check_port(ep[1])}"  # no zone ID: free text
 
 
 def _bytes(n: int) -> str:

@@ -24,6 +24,24 @@ Service's port 53 is then left out (pods reach its external IP the way they did 
 so is every port 53 when the DNS endpoints are unknown (then any pod's port-53 reply is
 untracked).
 
+Every value of a Service is checked before it is planned (`dnsguard.plan.checks`: addresses
+without zone IDs, ports 1-65535, a name safe for a comment); a Service that fails is left out
+and reported in `Plan.skipped` (the agent logs it once and counts it), so one odd object never
+takes the rest of the ruleset down. Comments carry the Service's ``namespace/name`` shortened
+to 48 characters with a hash when longer, so the renderers' comment limits (nft: 128 bytes) are
+met in the usual case and the rules stay readable.
+
+Claims (CVE-2020-8554, where anyone who may create a Service can capture traffic to any
+address): an external IP is claimed only when it is one host that is nobody else's. Never a
+node's address (a pod scraping kubelet's :10250 would send its token to the Service), a pod
+range, a ClusterIP or DNS endpoint we know, the API server, or a loopback, link-local,
+multicast, unspecified or reserved address; with ``--external-cidr``, only inside those ranges.
+Two Services claiming one address: a load-balancer ingress IP (assigned by the cloud or the
+cluster's LB controller) beats a ``spec.externalIPs`` entry (written by anyone with Service
+rights), then the older Service wins (creationTimestamp, then UID, then name): the same facts
+give the same winner on every node. Every refused claim is a `Skipped` of its Service, which
+keeps its other addresses. ``ipMode: Proxy`` ingress never gets here (`dnsguard.kube.extract`).
+
 Refused in iptables and nftables modes: kube-proxy already short-circuits in-cluster traffic to
 external IPs there, and our DNAT would make kube-proxy's own ClusterIP DNAT never run.
 """
@@ -32,11 +50,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from ipaddress import ip_network
 
 from dnsguard.model import (
     DNS_PORT,
     Chain,
+    ExternalService,
     Family,
     Hook,
     IPAddress,
@@ -47,9 +68,11 @@ from dnsguard.model import (
     Table,
     Verdict,
 )
+from dnsguard.plan.checks import UnsafeValue, check_addr, check_port, short_label
 
-__all__ = ["MASQ_MARK", "SHARD_PREFIX", "external_chains", "refuse_reason", "shard_chain",
-           "shard_of", "sub_chain"]
+__all__ = ["MASQ_MARK", "SHARD_PREFIX", "SKIP_REASONS", "Skipped", "checked_services",
+           "claimed_services", "external_chains", "refuse_reason", "shard_chain", "shard_of",
+           "sub_chain"]
 
 #: kube-proxy's --iptables-masquerade-bit default (14): KUBE-POSTROUTING masquerades it
 MASQ_MARK = 0x4000
@@ -78,6 +101,102 @@ def shard_chain(hook: Hook, shard: IPNetwork) -> str:
     return _hashed("XPRE" if hook is Hook.PREROUTING else "XOUT", str(shard))
 
 
+#: why a Service (or one of its external IPs) is left out; the metric's label values
+SKIP_REASONS = ("invalid", "reserved_ip", "outside_external_cidr", "duplicate_ip")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A Service, or one external IP of it, left out of the plan: who, why (a `SKIP_REASONS`
+    label) and a line for the log."""
+
+    key: str
+    reason: str
+    detail: str
+
+
+def _invalid(svc: ExternalService) -> str | None:
+    """Why ``svc`` cannot be rendered safely, or None."""
+    try:
+        for ip in (*svc.cluster_ips, *svc.external_ips):
+            check_addr(ip)
+        for sp in svc.ports:
+            check_port(sp.port)
+    except UnsafeValue as exc:
+        return str(exc)
+    return None
+
+
+def checked_services(services: Iterable[ExternalService],
+                     ) -> tuple[tuple[ExternalService, ...], tuple[Skipped, ...]]:
+    """The Services whose every value renders safely, and the others as `Skipped`."""
+    kept: list[ExternalService] = []
+    skipped: list[Skipped] = []
+    for svc in services:
+        if (why := _invalid(svc)) is not None:
+            skipped.append(Skipped(short_label(svc.key), "invalid", why))
+        else:
+            kept.append(svc)
+    return tuple(kept), tuple(skipped)
+
+
+def _age(svc: ExternalService) -> tuple[bool, str, str, str]:
+    """Sort key, oldest first: undated Services after every dated one."""
+    return (not svc.created, svc.created, svc.uid, svc.key)
+
+
+def _reserved(ip: IPAddress, facts: NodeFacts, taken: set[IPAddress]) -> str | None:
+    """Why ``ip`` is nobody's to claim, or None."""
+    kind = ("unspecified" if ip.is_unspecified else "loopback" if ip.is_loopback
+            else "link-local" if ip.is_link_local else "multicast" if ip.is_multicast
+            else "reserved" if ip.is_reserved else None)
+    if kind:
+        return f"a {kind} address"
+    if ip in taken:
+        return "a node, API server, DNS or ClusterIP address"
+    if any(ip in c for c in facts.pod_cidrs):
+        return "in a pod range"
+    return None
+
+
+def claimed_services(facts: NodeFacts, services: Iterable[ExternalService],
+                     allowed: tuple[IPNetwork, ...] = ()
+                     ) -> tuple[tuple[ExternalService, ...], tuple[Skipped, ...]]:
+    """Each Service with only the external IPs it may claim (see the module docstring), and
+    every refused claim as a `Skipped`."""
+    by_age = sorted(services, key=_age)
+    taken: set[IPAddress] = {*facts.node_ips, *facts.api_server_ips, *facts.dns_ips,
+                             *facts.dns_endpoints}
+    taken.update(ip for s in by_age for ip in s.cluster_ips)
+    owner: dict[IPAddress, str] = {}
+    skipped: list[Skipped] = []
+    # load-balancer ingress IPs claim first, in age order; then spec.externalIPs
+    for from_lb in (True, False):
+        for svc in by_age:
+            lb = set(svc.lb_ips)
+            for ip in svc.external_ips:
+                if (ip in lb) is not from_lb or owner.get(ip) == svc.key:
+                    continue
+                what = f"external IP {ip}"
+                if (why := _reserved(ip, facts, taken)) is not None:
+                    skipped.append(Skipped(short_label(svc.key), "reserved_ip", f"{what}: {why}"))
+                elif allowed and not any(ip in c for c in allowed):
+                    skipped.append(Skipped(short_label(svc.key), "outside_external_cidr",
+                                           f"{what}: outside --external-cidr"))
+                elif ip in owner:
+                    skipped.append(Skipped(short_label(svc.key), "duplicate_ip",
+                                           f"{what}: claimed by {short_label(owner[ip])} first "
+                                           "(load-balancer status, then the older Service)"))
+                else:
+                    owner[ip] = svc.key
+    kept = []
+    for svc in by_age:
+        mine = tuple(ip for ip in svc.external_ips if owner.get(ip) == svc.key)
+        if mine:
+            kept.append(svc if mine == svc.external_ips else replace(svc, external_ips=mine))
+    return tuple(kept), tuple(skipped)
+
+
 def refuse_reason(facts: NodeFacts) -> str | None:
     if facts.proxy_mode.nats_with_conntrack:
         return (f"refusing --external-to-cluster in kube-proxy {facts.proxy_mode.value} mode: "
@@ -87,16 +206,21 @@ def refuse_reason(facts: NodeFacts) -> str | None:
 
 
 def external_chains(facts: NodeFacts, family: Family, *,
-                    untracked_dns: bool = False) -> list[Chain]:
+                    untracked_dns: bool = False,
+                    services: Iterable[ExternalService] | None = None) -> list[Chain]:
     """nat chains for ``family``: dispatch in PREROUTING and OUTPUT, one chain per Service.
 
     ``untracked_dns``: DNS replies to pods are NOTRACKed (``--mitigation notrack``).
+    ``services``: the Services to plan, already checked (default: ``facts``' Services that
+    pass `checked_services`).
     """
+    if services is None:
+        services = checked_services(facts.external_services)[0]
     pre: dict[IPNetwork, list[Rule]] = {}
     out: dict[IPNetwork, list[Rule]] = {}
     subs: list[Chain] = []
     cidrs = [c for c in facts.pod_cidrs if Family.of(c) is family]
-    for svc in sorted(facts.external_services, key=lambda s: s.key):
+    for svc in sorted(services, key=lambda s: s.key):
         cip = next((ip for ip in svc.cluster_ips if Family.of(ip) is family), None)
         ext = sorted({ip for ip in svc.external_ips if Family.of(ip) is family}, key=int)
         ports = svc.ports
@@ -105,16 +229,17 @@ def external_chains(facts: NodeFacts, family: Family, *,
         if cip is None or not ext or not ports:
             continue
         sub = sub_chain(svc.key, family)
+        label = short_label(svc.key)
         ext_shards = [(ip, shard_of(ip)) for ip in ext]
-        rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {svc.key} mark for masquerade",
+        rules = [Rule(Match(), Verdict.MARK, f"dnsguard: {label} mark for masquerade",
                       mark=MASQ_MARK)]
         for sp in ports:
             p = sp.proto.value
             rules.append(Rule(Match(proto=sp.proto, dport=sp.port), Verdict.DNAT,
-                              f"dnsguard: {svc.key} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
+                              f"dnsguard: {label} {p}/{sp.port} to ClusterIP", to=(cip, sp.port)))
             for ip, shard in ext_shards:
                 dst = ip_network(ip)
-                what = f"dnsguard: {svc.key} {p}/{sp.port} external IP {ip}"
+                what = f"dnsguard: {label} {p}/{sp.port} external IP {ip}"
                 for cidr in cidrs:
                     pre.setdefault(shard, []).append(
                         Rule(Match(proto=sp.proto, src=cidr, dst=dst, dport=sp.port),

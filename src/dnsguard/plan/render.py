@@ -3,6 +3,10 @@
 The output is written exactly as ``iptables-save`` and ``nft list table`` print it back (match
 order, ``/32`` host masks, explicit ``-m udp``), so the diff can compare the kernel's state to the
 plan token by token; the integration tests prove the round trip on every backend.
+
+Every value is checked as it is written (`dnsguard.plan.checks`): addresses without zone IDs
+and of the rule's family, ports 1-65535, comments printable ASCII within the backend's limit
+(nft 128 bytes, iptables 255), shortened deterministically when longer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ from dnsguard.model import (
     Ruleset,
     Table,
     Verdict,
+)
+from dnsguard.plan.checks import (
+    IPTABLES_COMMENT_MAX,
+    NFT_COMMENT_MAX,
+    UnsafeValue,
+    check_addr,
+    check_chain,
+    check_net,
+    check_port,
+    fit_comment,
 )
 
 __all__ = [
@@ -61,20 +75,20 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
     m = rule.match
     tokens: list[str] = ["-A", chain_name]
     if m.src is not None:
-        tokens += ["-s", str(m.src)]
+        tokens += ["-s", str(check_net(m.src, family))]
     if m.dst is not None:
-        tokens += ["-d", str(m.dst)]
+        tokens += ["-d", str(check_net(m.dst, family))]
     if m.proto is not None:
         tokens += ["-p", m.proto.value]
-    tokens += ["-m", "comment", "--comment", _checked_comment(rule.comment)]
+    tokens += ["-m", "comment", "--comment", fit_comment(rule.comment, IPTABLES_COMMENT_MAX)]
     if m.sport is not None or m.dport is not None:
         if m.proto is None:
             raise ValueError(f"rule {rule.comment!r}: ports need a protocol")
         tokens += ["-m", m.proto.value]
         if m.sport is not None:
-            tokens += ["--sport", str(m.sport)]
+            tokens += ["--sport", str(check_port(m.sport))]
         if m.dport is not None:
-            tokens += ["--dport", str(m.dport)]
+            tokens += ["--dport", str(check_port(m.dport))]
     if m.ctstate is not None:
         tokens += ["-m", "conntrack", "--ctstate", m.ctstate.value.upper()]
     if m.src_local:
@@ -85,7 +99,7 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
     if rule.verdict is Verdict.DNAT:
         if rule.to is None:
             raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
-        tokens += ["-j", "DNAT", "--to-destination", _hostport(*rule.to)]
+        tokens += ["-j", "DNAT", "--to-destination", _hostport(family, *rule.to)]
     elif rule.verdict is Verdict.JUMP:
         tokens += ["-j", CHAIN_PREFIX + _jump(rule)]
     elif rule.verdict is Verdict.MARK:
@@ -98,7 +112,7 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
 def _jump(rule: Rule) -> str:
     if rule.jump is None:
         raise ValueError(f"rule {rule.comment!r}: a jump needs a target chain")
-    return rule.jump
+    return check_chain(rule.jump)
 
 
 def _mark(rule: Rule) -> int:
@@ -107,8 +121,9 @@ def _mark(rule: Rule) -> int:
     return rule.mark
 
 
-def _hostport(ip: object, port: int) -> str:
-    text = str(ip)
+def _hostport(family: Family, ip: object, port: int) -> str:
+    text = str(check_addr(ip, family))
+    port = check_port(port)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
@@ -122,14 +137,24 @@ def iptables_jump(chain: Chain) -> Tokens:
 
 
 def format_iptables_line(tokens: Sequence[str]) -> str:
-    """Join tokens into an iptables-restore line, double-quoting where needed."""
+    """Join tokens into an iptables-restore line, double-quoting where needed.
+
+    A quote or backslash is escaped as iptables-save does (tokens read back from the kernel
+    may hold them); a control character is refused: a newline would end the line and start
+    another command of the transaction.
+    """
     out = []
     for t in tokens:
-        if t == "" or any(c.isspace() for c in t) or any(c in t for c in "'\\#"):
-            out.append('"' + t + '"')
+        if _CONTROL.search(t):
+            raise UnsafeValue(f"control character in an iptables-restore token: {t!r}")
+        if t == "" or any(c.isspace() for c in t) or any(c in t for c in "'\\#\""):
+            out.append('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"')
         else:
             out.append(t)
     return " ".join(out)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 #: a bare word or a double-quoted string: all iptables-save prints without backslashes and
@@ -148,7 +173,7 @@ def parse_iptables_line(line: str) -> Tokens:
 
 def nft_chain_name(chain: Chain) -> str:
     if chain.sub is not None:
-        return chain.sub.lower()
+        return check_chain(chain.sub.lower())
     return f"{chain.table.value}-{chain.hook.value.lower()}"
 
 
@@ -158,9 +183,9 @@ def _nft_match(family: Family, m: Match) -> list[str]:
         # nothing names an address: say the family, or the inet table matches both with it
         parts += ["meta", "nfproto", f"ipv{family.value}"]
     if m.src is not None:
-        parts += [family.nft_addr, "saddr", _nft_addr(m.src)]
+        parts += [family.nft_addr, "saddr", _nft_addr(family, m.src)]
     if m.dst is not None:
-        parts += [family.nft_addr, "daddr", _nft_addr(m.dst)]
+        parts += [family.nft_addr, "daddr", _nft_addr(family, m.dst)]
     if m.alive:
         parts += [family.nft_addr, "daddr", f"@{_nft_set(family)}"]
     if m.proto is not None:
@@ -168,9 +193,9 @@ def _nft_match(family: Family, m: Match) -> list[str]:
             parts += ["meta", "l4proto", m.proto.value]
         else:
             if m.sport is not None:
-                parts += [m.proto.value, "sport", str(m.sport)]
+                parts += [m.proto.value, "sport", str(check_port(m.sport))]
             if m.dport is not None:
-                parts += [m.proto.value, "dport", str(m.dport)]
+                parts += [m.proto.value, "dport", str(check_port(m.dport))]
     if m.ctstate is not None:
         parts += ["ct", "state", m.ctstate.value]
     if m.src_local:
@@ -178,8 +203,8 @@ def _nft_match(family: Family, m: Match) -> list[str]:
     return parts
 
 
-def _nft_addr(net: object) -> str:
-    text = str(net)
+def _nft_addr(family: Family, net: object) -> str:
+    text = str(check_net(net, family))
     if text.endswith("/32") or text.endswith("/128"):
         return text.rsplit("/", 1)[0]
     return text
@@ -193,7 +218,7 @@ def nft_rule(family: Family, rule: Rule) -> str:
     if rule.verdict is Verdict.DNAT:
         if rule.to is None:
             raise ValueError(f"rule {rule.comment!r}: DNAT needs a target")
-        verdict = f"dnat {family.nft_addr} to {_hostport(*rule.to)}"
+        verdict = f"dnat {family.nft_addr} to {_hostport(family, *rule.to)}"
     elif rule.verdict is Verdict.JUMP:
         verdict = f"jump {_jump(rule).lower()}"
     elif rule.verdict is Verdict.MARK:
@@ -201,7 +226,7 @@ def nft_rule(family: Family, rule: Rule) -> str:
     else:
         verdict = rule.verdict.value
     words = [*_nft_match(family, rule.match), verdict]
-    return " ".join(words) + f' comment "{_checked_comment(rule.comment)}"'
+    return " ".join(words) + f' comment "{fit_comment(rule.comment, NFT_COMMENT_MAX)}"'
 
 
 def nft_table(rulesets: Iterable[Ruleset]) -> str:
@@ -249,8 +274,3 @@ def nft_table(rulesets: Iterable[Ruleset]) -> str:
     out.append("}")
     return "\n".join(out) + "\n"
 
-
-def _checked_comment(comment: str) -> str:
-    if '"' in comment or "\n" in comment or len(comment) > 255:
-        raise ValueError(f"rule comment {comment!r} must be one line without quotes, <256 chars")
-    return comment
