@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from dnsguard import __version__, cli_diag, selfprobe
 from dnsguard.agent import Agent
 from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
+from dnsguard.cache.stats import StatsPoller, control_command
 from dnsguard.cache.unbound import Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
@@ -185,6 +186,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if cache is not None:
+        poller = StatsPoller(control_command(f"{settings.unbound}-control",
+                                             settings.state_dir / "unbound.conf"))
+        metrics.watch_cache_stats(lambda: poller.snapshot)
+        poller.start(stop)
     server = None
     if settings.metrics_address is not None:
         server = serve(settings.metrics_address, metrics, lambda: _healthy(agent, settings),

@@ -1,0 +1,110 @@
+"""The cache's own numbers from a live agent in a lab node: present from the first scrape, moving
+with the traffic the lab sends, and monotonic when unbound is killed and restarted.
+
+What this cannot prove: behaviour under a saturated unbound (the request list filling), which
+the recorded statistics in tests/unit/data/unbound cover at the parsing level only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from dnsguard.cache.stats import QUERY_TYPES, RCODES
+from dnsguard.model import ProxyMode
+from dnsguard.testing.lab import Lab, LabConfig
+
+pytestmark = pytest.mark.root
+
+FETCH = r"""
+import sys, urllib.request
+with urllib.request.urlopen("http://127.0.0.1:9253" + sys.argv[1], timeout=5) as r:
+    print(r.read().decode())
+"""
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(lab: Lab) -> Series:
+    body = lab.node_run([sys.executable, "-c", FETCH, "/metrics"], check=False).stdout
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(body) for s in fam.samples}
+
+
+def get(series: Series, name: str, **labels: str) -> float:
+    return series.get((name, frozenset(labels.items())), float("nan"))
+
+
+@pytest.fixture
+def lab():
+    with Lab(LabConfig(proxy_mode=ProxyMode.IPTABLES, iptables="legacy")) as lab:
+        yield lab
+
+
+def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Path) -> None:
+    args = [*nodelocal_args(lab, tmp_path / "state"), "--metrics-address", "127.0.0.1:9253"]
+    agent = start_agent(lab, args, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_up") == 1, timeout=30)
+        start = scrape(lab)
+        # present from the start, at zero where nothing has happened yet
+        for t in (*QUERY_TYPES, "other"):
+            assert (("dnsguard_cache_queries_by_type_total", frozenset({("type", t)}))
+                    in start), t
+        for r in (*RCODES, "other"):
+            assert get(start, "dnsguard_cache_responses_total", rcode=r) >= 0, r
+        assert get(start, "dnsguard_cache_responses_total", rcode="SERVFAIL") == 0
+        for reason in ("exceeded", "overwritten"):
+            assert get(start, "dnsguard_cache_requestlist_dropped_total", reason=reason) == 0
+        assert get(start, "dnsguard_cache_stats_resets_total") == 0
+        dot = {"zone": ".", "upstream": str(lab.dns_endpoints[0])}
+        assert get(start, "dnsguard_cache_upstream_timeouts_total", **dot) == 0
+
+        # traffic: queries, hits and misses move; the hit ratio is computable
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_intercepting") == 1, timeout=20)
+        lab.lookup_load(count=40, duration=3)
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_hits_total")
+                 >= get(start, "dnsguard_cache_hits_total") + 40, timeout=20)
+        loaded = scrape(lab)
+        assert get(loaded, "dnsguard_cache_misses_total") > get(start,
+                                                                "dnsguard_cache_misses_total")
+        assert get(loaded, "dnsguard_cache_queries_by_type_total", type="AAAA") > 0
+        assert get(loaded, "dnsguard_cache_recursion_duration_seconds_count") > 0
+
+        # the "." upstream stops answering: its timeouts and SERVFAILs are counted
+        dnsmasq = lab._dns_procs[0].pid  # ip netns exec execs dnsmasq: same PID
+        os.kill(dnsmasq, signal.SIGSTOP)
+        try:
+            for i in range(3):
+                lab.pod_run(0, ["dig", "+time=3", "+tries=1", f"stopped{i}.example.org"],
+                            check=False)
+            wait_for(lambda: get(scrape(lab), "dnsguard_cache_upstream_timeouts_total", **dot)
+                     >= 1, timeout=20)
+        finally:
+            os.kill(dnsmasq, signal.SIGCONT)
+        faulted = scrape(lab)
+        assert get(faulted, "dnsguard_cache_upstream_rto_seconds", **dot) > 1
+
+        # unbound killed: the agent restarts it; counters carry on from where they were
+        before = scrape(lab)
+        pid = int(lab.node_run(["unbound-control", "-c", str(tmp_path / "state/unbound.conf"),
+                                "status"]).stdout.split("pid ")[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_resets_total") == 1,
+                 timeout=30)
+        after = scrape(lab)
+        for (name, labels), value in before.items():
+            if name.startswith("dnsguard_cache_") and name.endswith(("_total", "_count",
+                                                                     "_bucket", "_sum")):
+                assert after[(name, labels)] >= value, (name, labels)
+        print(f"\nqueries {get(after, 'dnsguard_cache_queries_total'):.0f}, hits "
+              f"{get(after, 'dnsguard_cache_hits_total'):.0f}, "
+              f"upstream timeouts {get(after, 'dnsguard_cache_upstream_timeouts_total', **dot)}")
+    finally:
+        assert stop_agent(agent) == 0
