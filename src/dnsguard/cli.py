@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from dnsguard import __version__, cli_diag, selfprobe
 from dnsguard.agent import Agent
+from dnsguard.cache.querylog import set_query_log
 from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
 from dnsguard.cache.stats import StatsPoller, control_command
 from dnsguard.cache.unbound import Unbound
@@ -187,8 +188,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if cache is not None:
-        poller = StatsPoller(control_command(f"{settings.unbound}-control",
-                                             settings.state_dir / "unbound.conf"))
+        control = control_command(f"{settings.unbound}-control",
+                                  settings.state_dir / "unbound.conf")
+        poller = StatsPoller(control, on_new_process=(
+            (lambda: set_query_log(control, True)) if settings.log_queries else None))
         metrics.watch_cache_stats(lambda: poller.snapshot)
         poller.start(stop)
     server = None

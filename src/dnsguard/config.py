@@ -50,6 +50,8 @@ class Settings:
     node_resolv_conf: Path = Path("/etc/resolv.conf")
     drain_seconds: float = 2.0
     unbound: str = "unbound"
+    #: log every answer of the cache (client, name, type, rcode) to its log in the state dir
+    log_queries: bool = False
     # Kubernetes API: facts the flags do not give
     kubeconfig: Path | None = None
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
@@ -111,6 +113,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
                        help="resolv.conf whose nameservers get names outside the cluster")
     cache.add_argument("--unbound", metavar="PATH",
                        help="the unbound binary (default: unbound on PATH)")
+    cache.add_argument("--log-queries", action="store_true", default=None,
+                       help="log every answer of the cache (client, name, type, rcode) to "
+                            "unbound.log in --state-dir; `dnsguard cache-log` toggles it live")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
@@ -283,5 +288,7 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     for flag in ("--skip-teardown", "--drop-invalid-input", "--external-to-cluster"):
         if (value := _bool(ns, env, flag)) is not None:
             kwargs[flag.lstrip("-").replace("-", "_")] = value
+    if (value := _bool(ns, env, "--log-queries")) is not None:
+        kwargs["log_queries"] = value
 
     return Settings(**{**s.__dict__, **kwargs})

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
+from dnsguard_helpers import dnsguard, nodelocal_args, start_agent, stop_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsguard.cache.stats import QUERY_TYPES, RCODES
 from dnsguard.model import ProxyMode
-from dnsguard.testing.lab import Lab, LabConfig
+from dnsguard.testing.lab import Lab, LabConfig, pod_ip
 
 pytestmark = pytest.mark.root
 
@@ -108,3 +108,42 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
               f"upstream timeouts {get(after, 'dnsguard_cache_upstream_timeouts_total', **dot)}")
     finally:
         assert stop_agent(agent) == 0
+
+
+def test_query_log_from_the_flag_toggled_live_and_kept_across_a_restart(
+        lab: Lab, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    args = [*nodelocal_args(lab, state), "--metrics-address", "127.0.0.1:9253",
+            "--log-queries"]
+    agent = start_agent(lab, args, tmp_path / "agent.log")
+    log = state / "unbound.log"
+    pod = str(pod_ip(0))
+
+    def logged(name: str) -> bool:
+        lab.pod_run(0, ["dig", "+time=2", "+tries=1", f"{name}.example.org"], check=False)
+        return any(pod in ln and f"{name}.example.org." in ln
+                   for ln in log.read_text(errors="replace").splitlines())
+
+    try:
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_intercepting") == 1, timeout=30)
+        wait_for(lambda: logged("first"), timeout=20)  # --log-queries applied on start
+        off = dnsguard(lab, "cache-log", "off", "--state-dir", str(state))
+        assert off.returncode == 0 and "query log off" in off.stdout, off.stderr
+        logged("while-off")
+        on = dnsguard(lab, "cache-log", "on", "--state-dir", str(state))
+        assert on.returncode == 0 and "query log on" in on.stdout, on.stderr
+        wait_for(lambda: logged("while-on"), timeout=20)
+        # checked only now: a line written just after dig returned would be in by now
+        assert "while-off.example.org." not in log.read_text(errors="replace")
+        # a restarted unbound forgets set_option; the agent applies --log-queries again
+        pid = int(lab.node_run(["unbound-control", "-c", str(state / "unbound.conf"),
+                                "status"]).stdout.split("pid ")[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_resets_total") == 1,
+                 timeout=30)
+        wait_for(lambda: get(scrape(lab), "dnsguard_cache_intercepting") == 1, timeout=30)
+        wait_for(lambda: logged("after-restart"), timeout=20)
+    finally:
+        assert stop_agent(agent) == 0
+    bad = dnsguard(lab, "cache-log", "on", "--state-dir", str(tmp_path / "nowhere"))
+    assert bad.returncode == 1 and "cannot reach the cache" in bad.stderr

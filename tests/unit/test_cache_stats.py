@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dnsguard.cache.querylog import query_log_enabled, set_query_log
 from dnsguard.cache.stats import (
     QUERY_TYPES,
     RCODES,
@@ -31,6 +32,8 @@ from dnsguard.cache.stats import (
     parse_infra,
     parse_stats,
 )
+from dnsguard.cli import build_parser
+from dnsguard.config import ConfigError, settings_from
 
 DATA = Path(__file__).parent / "data" / "unbound"
 SEQUENCE = ["seq-a-healthy", "seq-c-resumed", "seq-d-reloaded", "seq-e-restarted"]
@@ -224,3 +227,40 @@ def test_upstream_timeouts_count_increases_between_polls() -> None:
         (u,) = [u for u in poller.poll().upstreams if u.zone == "."]
         totals.append((u.timeouts, u.timeouts_total))
     assert totals == [(0, 0), (3, 3), (0, 3), (3, 6)]
+
+
+# -- runtime options survive restarts and reloads ------------------------------------------------
+def test_runtime_options_are_reapplied_after_each_restart_and_reload() -> None:
+    applied: list[int] = []
+    poller = StatsPoller(Scripted(SEQUENCE), on_new_process=lambda: applied.append(1))
+    for _ in SEQUENCE:
+        poller.poll()
+    # first poll, then after the reload (seq-d) and the restart (seq-e); not on the second poll
+    assert len(applied) == 3
+
+
+def test_query_log_switch_speaks_unbound_control() -> None:
+    calls: list[list[str]] = []
+    answers = {"set_option": "ok\n", "get_option": "yes\n"}
+
+    def control(args: Sequence[str]) -> str:
+        calls.append(list(args))
+        return answers[args[0]]
+
+    set_query_log(control, True)
+    assert query_log_enabled(control)
+    set_query_log(control, False)
+    assert calls == [["set_option", "log-replies:", "yes"], ["get_option", "log-replies"],
+                     ["set_option", "log-replies:", "no"]]
+    answers["set_option"] = "error setting option\n"
+    with pytest.raises(StatsError, match="refused"):
+        set_query_log(control, True)
+
+
+def test_log_queries_flag_and_variable() -> None:
+    parse = build_parser().parse_args
+    assert settings_from(parse(["run", "--log-queries"]), env={}).log_queries is True
+    assert settings_from(parse(["run"]), env={"DNSGUARD_LOG_QUERIES": "yes"}).log_queries
+    assert settings_from(parse(["run"]), env={}).log_queries is False
+    with pytest.raises(ConfigError, match="DNSGUARD_LOG_QUERIES"):
+        settings_from(parse(["run"]), env={"DNSGUARD_LOG_QUERIES": "maybe"})

@@ -291,10 +291,14 @@ class StatsPoller:
     """Polls unbound on its own thread; `snapshot` is always the latest complete poll."""
 
     def __init__(self, control: Control, *, interval: float = POLL_INTERVAL,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 on_new_process: Callable[[], None] | None = None) -> None:
         self.control = control
         self.interval = interval
         self.wall = wall
+        #: called after the first poll of each unbound process or config reload (runtime
+        #: options set with unbound-control, such as the query log, do not survive either)
+        self.on_new_process = on_new_process
         self.tracker = Monotonic()
         self._snapshot = CacheStats()
 
@@ -316,7 +320,13 @@ class StatsPoller:
                               prev.polled_at, str(exc))
         else:
             boot = raw.get("time.now", 0.0) - raw.get("time.up", 0.0)
+            first, resets = self.tracker.boot is None, self.tracker.resets
             counters = self.tracker.update(raw, boot)
+            if (first or self.tracker.resets != resets) and self.on_new_process is not None:
+                try:
+                    self.on_new_process()
+                except StatsError as exc:
+                    log.warning("could not apply runtime options to the cache: %s", exc)
             gauges = {k: v for k, v in raw.items() if not _is_counter(k)}
             snap = CacheStats(_frozen(counters), _frozen(gauges),
                               self.tracker.upstreams(forwards, infra), self.tracker.resets,
