@@ -292,7 +292,10 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
         encode_name(cfg.probe_name)
     except DnsWireError as exc:
         raise ConfigError(f"invalid --probe-name: {exc}") from None
-    samples = Sampler(runner, Path(args.proc_root)).sample(cfg)
+    conf = settings.state_dir / "unbound.conf"
+    cache = control_command(f"{settings.unbound}-control", conf) if conf.exists() else None
+    samples = Sampler(runner, Path(args.proc_root), cache_control=cache,
+                      cache_log=settings.state_dir / "unbound.log").sample(cfg)
     findings = classify(samples)
     rules = samples.rules
     mode = rules.proxy_mode.value if rules and rules.proxy_mode else "unknown"

@@ -7,8 +7,10 @@ the recorded statistics in tests/unit/data/unbound cover at the parsing level on
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,3 +149,31 @@ def test_query_log_from_the_flag_toggled_live_and_kept_across_a_restart(
         assert stop_agent(agent) == 0
     bad = dnsguard(lab, "cache-log", "on", "--state-dir", str(tmp_path / "nowhere"))
     assert bad.returncode == 1 and "cannot reach the cache" in bad.stderr
+
+
+def test_doctor_names_the_pod_behind_an_nxdomain_storm(lab: Lab, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    args = [*nodelocal_args(lab, state), "--log-queries"]
+    agent = start_agent(lab, args, tmp_path / "agent.log")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"storm{i}.example.org A\n" for i in range(20000)))
+    try:
+        wait_for(lambda: "query log on" in dnsguard(lab, "cache-log", "status",
+                                                     "--state-dir", str(state)).stdout,
+                 timeout=30)
+        # one pod asks for names that do not exist, for a bounded time, while doctor watches
+        storm = lab.popen_in(lab.pod_netns[1], ["timeout", "12", "dig", "+time=1", "+tries=1",
+                                                "+short", "-f", str(names)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        doctor = dnsguard(lab, "doctor", "--json", "--window", "5", "--no-probe",
+                          "--resolv-conf", "", *args)
+        storm.wait(timeout=30)
+    finally:
+        assert stop_agent(agent) == 0
+    doc = json.loads(doctor.stdout)
+    found = {f["id"]: f for f in doc["findings"]}
+    assert {"cache-low-hit-ratio", "cache-nxdomain-sources"} <= set(found), doctor.stdout
+    top = found["cache-nxdomain-sources"]["evidence"][1]
+    assert top.startswith(f"{pod_ip(1)}: "), top
+    assert "storm" in top
+    print(f"\n{found['cache-low-hit-ratio']['evidence'][0]}\n{top[:120]}")

@@ -60,6 +60,8 @@ log = logging.getLogger("dnsguard.cache.stats")
 
 #: seconds between polls: cheap for unbound, fine-grained enough for a 15-30 s scrape
 POLL_INTERVAL = 5.0
+#: seconds between polls while unbound does not answer (starting or restarting)
+RETRY_INTERVAL = 1.0
 #: unbound-control's own connect and answer budget per command
 CONTROL_TIMEOUT = 5.0
 #: query types exported by name; every other type is summed into "other" (bounded labels)
@@ -342,7 +344,9 @@ class StatsPoller:
                     self.poll()
                 except Exception:  # a bug here must not end the statistics for good
                     log.exception("cache statistics poll failed")
-                if stop.wait(self.interval):
+                # while unbound is (re)starting, look again soon: the series and runtime
+                # options such as the query log should follow it within a second
+                if stop.wait(self.interval if self._snapshot.up else RETRY_INTERVAL):
                     return
 
         t = threading.Thread(target=loop, daemon=True, name="cache-stats")
