@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,14 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
                                                                 "dnsguard_cache_misses_total")
         assert get(loaded, "dnsguard_cache_queries_by_type_total", type="AAAA") > 0
         assert get(loaded, "dnsguard_cache_recursion_duration_seconds_count") > 0
+
+        # an operator's live view reads the same numbers (plain text: not a terminal)
+        view = lab.node_run(["timeout", "4", sys.executable, "-m", "dnsguard", "status",
+                             "--watch", "--metrics-address", "127.0.0.1:9253"],
+                            check=False).stdout
+        assert view.count("dnsguard status --watch") >= 2, view
+        assert "rules       in sync" in view and "intercept   yes" in view
+        assert re.search(r"cache       [\d.]+ queries/s, hit ratio", view), view
 
         # the "." upstream stops answering: its timeouts and SERVFAILs are counted
         dnsmasq = lab._dns_procs[0].pid  # ip netns exec execs dnsmasq: same PID
