@@ -6,6 +6,10 @@ no second reader of unbound or conntrack runs beside the agent. Rates and the se
 are computed from the difference between two scrapes, so they describe the last second, not
 the agent's lifetime.
 
+The cache's counters move when the agent polls unbound (every 5 s), so rates are taken over a
+sliding `WINDOW` of scrapes (the oldest kept one to the newest) rather than the last second:
+otherwise four refreshes in five would show zero and the fifth five times the truth.
+
 `render` is pure (two scrapes and the seconds between in, text out); `run` owns the loop, the
 clock and the terminal: on a TTY the screen is redrawn in place, otherwise one block per
 refresh is appended, which is what a log or a pipe wants.
@@ -18,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
@@ -28,6 +33,8 @@ __all__ = ["Scrape", "fetch", "render", "run"]
 #: (sample name, sorted label pairs) -> value
 Scrape = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
 REFRESH = 1.0
+#: seconds of scrapes rates are computed over: two of the agent's cache statistics polls
+WINDOW = 10.0
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -79,7 +86,7 @@ def render(prev: Scrape, cur: Scrape, seconds: float, now: str = "") -> str:
         v = _get(cur, name)
         return "?" if v is None else (yes if v == 1 else no)
 
-    lines = [f"dnsguard status --watch {now}".rstrip(),
+    lines = [f"dnsguard status --watch {now} (rates over {seconds:.0f}s)".replace("  ", " "),
              f"rules       {flag('dnsguard_rules_in_sync', 'in sync', 'NOT IN SYNC')}"
              f"  ({_fmt(_get(cur, 'dnsguard_rules_planned'), '.0f')} planned)"]
     if _get(cur, "dnsguard_cache_intercepting") is not None:
@@ -116,15 +123,18 @@ def run(address: tuple[str, int], out: TextIO = sys.stdout, *,
     get = scrape or (lambda: fetch(address))
     tty = out.isatty()
     try:
-        prev, t0 = get(), clock()
+        history: deque[tuple[float, Scrape]] = deque([(clock(), get())])
         n = 0
         while iterations is None or n < iterations:
             sleep(refresh)
-            cur, t1 = get(), clock()
+            history.append((clock(), get()))
+            while len(history) > 2 and history[-1][0] - history[1][0] >= WINDOW:
+                history.popleft()
+            (t0, prev), (t1, cur) = history[0], history[-1]
             text = render(prev, cur, t1 - t0, time.strftime("%H:%M:%S"))
             out.write((_CLEAR + text) if tty else (text + "\n"))
             out.flush()
-            prev, t0, n = cur, t1, n + 1
+            n += 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"dnsguard: error: cannot read the agent's metrics on {address[0]}:{address[1]}"
               f" ({exc}); is `dnsguard run --metrics-address` set?", file=sys.stderr)

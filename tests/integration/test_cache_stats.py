@@ -1,5 +1,5 @@
 """The cache's own numbers from a live agent in a lab node: present from the first scrape, moving
-with the traffic the lab sends, and monotonic when unbound is killed and restarted.
+with the traffic the lab sends, and monotonic when unbound reloads or is killed and restarted.
 
 What this cannot prove: behaviour under a saturated unbound (the request list filling), which
 the recorded statistics in tests/unit/data/unbound cover at the parsing level only.
@@ -81,7 +81,7 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
         assert get(loaded, "dnsguard_cache_recursion_duration_seconds_count") > 0
 
         # an operator's live view reads the same numbers (plain text: not a terminal)
-        view = lab.node_run(["timeout", "4", sys.executable, "-m", "dnsguard", "status",
+        view = lab.node_run(["timeout", "8", sys.executable, "-m", "dnsguard", "status",
                              "--watch", "--metrics-address", "127.0.0.1:9253"],
                             check=False).stdout
         assert view.count("dnsguard status --watch") >= 2, view
@@ -102,18 +102,27 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
         faulted = scrape(lab)
         assert get(faulted, "dnsguard_cache_upstream_rto_seconds", **dot) > 1
 
-        # unbound killed: the agent restarts it; counters carry on from where they were
-        before = scrape(lab)
-        pid = int(lab.node_run(["unbound-control", "-c", str(tmp_path / "state/unbound.conf"),
-                                "status"]).stdout.split("pid ")[1].split(")")[0])
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_resets_total") == 1,
-                 timeout=30)
-        after = scrape(lab)
-        for (name, labels), value in before.items():
-            if name.startswith("dnsguard_cache_") and name.endswith(("_total", "_count",
-                                                                     "_bucket", "_sum")):
-                assert after[(name, labels)] >= value, (name, labels)
+        # a config reload (what a CoreDNS rollout causes: new endpoints) zeroes unbound's
+        # statistics in place; then unbound is killed and the agent restarts it. Either way
+        # every counter carries on from where it was.
+        ctl = ["unbound-control", "-c", str(tmp_path / "state/unbound.conf")]
+        for resets, fault in enumerate(("reload", "kill"), start=1):
+            before = scrape(lab)
+            if fault == "reload":
+                lab.node_run([*ctl, "reload"])
+            else:
+                pid = int(lab.node_run([*ctl, "status"]).stdout.split("pid ")[1].split(")")[0])
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda r=resets: get(scrape(lab), "dnsguard_cache_stats_resets_total")
+                     == r, timeout=30)
+            lab.pod_run(0, ["dig", "+time=2", f"after-{fault}.example.org"], check=False)
+            wait_for(lambda b=before: get(scrape(lab), "dnsguard_cache_queries_total")
+                     > get(b, "dnsguard_cache_queries_total"), timeout=30)
+            after = scrape(lab)
+            for (name, labels), value in before.items():
+                if name.startswith("dnsguard_cache_") and name.endswith(
+                        ("_total", "_count", "_bucket", "_sum")):
+                    assert after[(name, labels)] >= value, (fault, name, labels)
         print(f"\nqueries {get(after, 'dnsguard_cache_queries_total'):.0f}, hits "
               f"{get(after, 'dnsguard_cache_hits_total'):.0f}, "
               f"upstream timeouts {get(after, 'dnsguard_cache_upstream_timeouts_total', **dot)}")

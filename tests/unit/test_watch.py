@@ -55,3 +55,16 @@ def test_plain_text_when_not_a_tty_and_unreachable_agent_fails() -> None:
 
     assert run(("127.0.0.1", 9), io.StringIO(), scrape=down, iterations=1,
                sleep=lambda s: None) == 1
+
+
+def test_rates_span_the_window_not_the_last_second() -> None:
+    """The agent's cache counters move once per 5 s poll: a 1 s difference would read zero."""
+    key = ("dnsguard_cache_queries_total", ())
+    clock = iter(float(i) for i in range(100))
+    scrapes = ({**SCRAPE, key: SCRAPE[key] + 50 * (i // 5)} for i in range(100))
+    out = io.StringIO()
+    run(("127.0.0.1", 9), out, scrape=lambda: next(scrapes), clock=lambda: next(clock),
+        iterations=12, sleep=lambda s: None)
+    last = out.getvalue().strip().split("\n\n")[-1]
+    # 10 s window: two polls of 50 queries each
+    assert "rates over 10s" in last and "cache       10.0 queries/s" in last, last
