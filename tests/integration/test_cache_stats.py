@@ -19,7 +19,7 @@ import pytest
 from dnsguard_helpers import dnsguard, nodelocal_args, start_agent, stop_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from dnsguard.cache.stats import QUERY_TYPES, RCODES
+from dnsguard.cache.stats import QUERY_TYPES, RCODES, CacheStats, CacheStatsCollector
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig, pod_ip
 
@@ -56,6 +56,11 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
     try:
         wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_up") == 1, timeout=30)
         start = scrape(lab)
+        # every series the collector declares (bar the per-upstream ones, which follow the
+        # configured forwarders) is in the first scrape
+        declared = {(s.name, frozenset(s.labels.items()))
+                    for fam in CacheStatsCollector(CacheStats).collect() for s in fam.samples}
+        assert len(declared) > 50 and declared <= set(start), declared - set(start)
         # present from the start, at zero where nothing has happened yet
         for t in (*QUERY_TYPES, "other"):
             assert (("dnsguard_cache_queries_by_type_total", frozenset({("type", t)}))
