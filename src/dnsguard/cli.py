@@ -20,9 +20,11 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from dnsguard import __version__, cli_diag, selfprobe
+from dnsguard import __version__, cli_diag, selfprobe, watch
 from dnsguard.agent import Agent
+from dnsguard.cache.querylog import set_query_log
 from dnsguard.cache.runtime import HEALTH_INTERVAL, STATE_FILES, CacheRuntime
+from dnsguard.cache.stats import StatsPoller, control_command
 from dnsguard.cache.unbound import CacheError, Unbound
 from dnsguard.config import ConfigError, Settings, add_fact_flags, settings_from
 from dnsguard.facts import Observed, kube_source, load_cluster, observe, with_cluster
@@ -49,6 +51,8 @@ _IPVS_KUBELET_NOTE = (
     "ipvs mode: the ClusterIP stays on kube-ipvs0, so the cache serves only {}; point "
     "kubelet's clusterDNS (--cluster-dns / KubeletConfiguration clusterDNS) at it, and pods "
     "fall back to the ClusterIP through dnsguard's DNAT while the cache is down")
+#: where `status --watch` finds the agent when --metrics-address is not given
+WATCH_ADDRESS = ("127.0.0.1", 9253)
 #: how long `run` waits for the API's first facts before giving up
 FIRST_FACTS_TIMEOUT = 60.0
 
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_fact_flags(sp)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
+            sp.add_argument("--watch", action="store_true",
+                            help="live view from the running agent's /metrics, every second "
+                                 "(--metrics-address; default 127.0.0.1:9253)")
     cli_diag.add_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return p
 
@@ -193,6 +200,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings, runner: Runner) -> int
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if cache is not None:
+        control = control_command(f"{settings.unbound}-control",
+                                  settings.state_dir / "unbound.conf")
+        poller = StatsPoller(control, on_new_process=(
+            (lambda: set_query_log(control, True)) if settings.log_queries else None))
+        metrics.watch_cache_stats(lambda: poller.snapshot)
+        poller.start(stop)
     server = None
     if settings.metrics_address is not None:
         server = serve(settings.metrics_address, metrics, lambda: _healthy(agent, settings),
@@ -334,6 +348,8 @@ def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) ->
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    if args.watch:
+        return watch.run(settings.metrics_address or WATCH_ADDRESS)
     doc: dict[str, object] = {"installed": inventory(runner, node_families(Path("/proc")))}
     agent: dict[str, Any] = {}
     try:

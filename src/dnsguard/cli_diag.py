@@ -25,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO, cast
 
+from dnsguard.cache.querylog import query_log_enabled, set_query_log
+from dnsguard.cache.stats import StatsError, control_command
 from dnsguard.config import ConfigError, Settings, add_fact_flags, parse_ip, settings_from
 from dnsguard.diagnose import (
     EXIT_CRITICAL,
@@ -99,6 +101,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                    help="do not send DNS lookups (no dns-slow-lookups/dns-unreachable)")
     d.add_argument("--proc-root", metavar="PATH", default="/proc",
                    help="where the node's procfs is mounted (e.g. /host/proc in a pod)")
+
+    text = "turn the node-local cache's query log on or off now, or show it (no restart)"
+    c = subparsers.add_parser("cache-log", help=text, description=text)
+    add_fact_flags(c)
+    c.add_argument("state", choices=("on", "off", "status"),
+                   help="on: one line per answer in unbound.log in --state-dir (bounded in "
+                        "size); lasts until the cache restarts, or for good with run "
+                        "--log-queries")
 
 
 # --- value parsing ------------------------------------------------------------------------
@@ -282,7 +292,10 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
         encode_name(cfg.probe_name)
     except DnsWireError as exc:
         raise ConfigError(f"invalid --probe-name: {exc}") from None
-    samples = Sampler(runner, Path(args.proc_root)).sample(cfg)
+    conf = settings.state_dir / "unbound.conf"
+    cache = control_command(f"{settings.unbound}-control", conf) if conf.exists() else None
+    samples = Sampler(runner, Path(args.proc_root), cache_control=cache,
+                      cache_log=settings.state_dir / "unbound.log").sample(cfg)
     findings = classify(samples)
     rules = samples.rules
     mode = rules.proxy_mode.value if rules and rules.proxy_mode else "unknown"
@@ -302,7 +315,23 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, runner: Runner) -> 
     return exit_code(findings)
 
 
-COMMANDS: dict[str, Command] = {"probe": cmd_probe, "doctor": cmd_doctor}
+def cmd_cache_log(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+    """Flip the running cache's query log through its control socket."""
+    control = control_command(f"{settings.unbound}-control", settings.state_dir / "unbound.conf")
+    try:
+        if args.state != "status":
+            set_query_log(control, args.state == "on")
+        on = query_log_enabled(control)
+    except StatsError as exc:
+        print(f"dnsguard: error: cannot reach the cache in {settings.state_dir}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"query log {'on' if on else 'off'}: {settings.state_dir / 'unbound.log'}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {"probe": cmd_probe, "doctor": cmd_doctor,
+                                "cache-log": cmd_cache_log}
 
 
 # --- standalone entry point ---------------------------------------------------------------

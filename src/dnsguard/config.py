@@ -93,6 +93,8 @@ class Settings:
     cache_negative_ttl: float = 5.0
     #: how long an expired answer may still be served while the upstreams fail; 0: never
     serve_stale: float = 300.0
+    #: log every answer of the cache (client, name, type, rcode) to its log in the state dir
+    log_queries: bool = False
     # Kubernetes API: facts the flags do not give
     kubeconfig: Path | None = None
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
@@ -158,6 +160,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
                             "with --external-via node")
     cache.add_argument("--unbound", metavar="PATH",
                        help="the unbound binary (default: unbound on PATH)")
+    cache.add_argument("--log-queries", action="store_true", default=None,
+                       help="log every answer of the cache (client, name, type, rcode) to "
+                            "unbound.log in --state-dir; `dnsguard cache-log` toggles it live")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
@@ -488,5 +493,7 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
     for flag in ("--skip-teardown", "--drop-invalid-input", "--external-to-cluster"):
         if (value := _bool(ns, env, flag)) is not None:
             kwargs[flag.lstrip("-").replace("-", "_")] = value
+    if (value := _bool(ns, env, "--log-queries")) is not None:
+        kwargs["log_queries"] = value
 
     return Settings(**{**s.__dict__, **kwargs})

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dnsguard.cache.stats import CacheStats, CacheStatsCollector
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.conntrack import read_conntrack
 from dnsguard.plan.external import SKIP_REASONS, Skipped
@@ -76,6 +77,11 @@ class Metrics:
     def watch(self, agent: Agent, runner: Runner, proc_root: Path = Path("/proc")) -> None:
         """Export the agent's state and the node's conntrack counters at every scrape."""
         self.registry.register(_StateCollector(agent, runner, proc_root))
+
+    def watch_cache_stats(self, stats: Callable[[], CacheStats]) -> None:
+        """Export the node-local cache's own numbers (dnsguard.cache.stats polls them; a
+        scrape only reads the latest snapshot)."""
+        self.registry.register(CacheStatsCollector(stats))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -256,3 +256,16 @@ def test_checkout_and_image_agree_on_packages():
     m = re.search(r"PKGS=\(([^)]*)\)", setup)
     assert m, "scripts/setup neither calls scripts/install-deps nor lists PKGS"
     assert set(m.group(1).split()) == dev
+
+
+def test_monitoring_component_lists_every_manifest_and_dev_installs_promtool():
+    """deploy/components/monitoring (tests/unit/test_monitoring.py checks its content)."""
+    comp = ROOT / "deploy/components/monitoring"
+    k = yaml.safe_load((comp / "kustomization.yaml").read_text())
+    assert k["kind"] == "Component"
+    on_disk = sorted(p.name for p in comp.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(k["resources"]) == on_disk
+    (gen,) = k["configMapGenerator"]
+    assert sorted(gen["files"]) == sorted(p.name for p in comp.glob("*.json"))
+    assert "prometheus" in _install_deps("--dev")  # promtool, and the server the lab test runs
+    assert "prometheus" not in _install_deps()

@@ -4,7 +4,7 @@ Layers, in the direction of imports:
 
     samples.py    frozen inputs (counter windows, rule dumps, probe reports, resolv.conf)
     findings.py   Finding, Severity, exit codes, table and JSON output
-    conntrack.py, kernel.py, rules.py, dns.py, intercept.py
+    conntrack.py, kernel.py, rules.py, dns.py, intercept.py, cache.py
                   pure classifiers: samples in, findings out; no I/O, no clock
     sampler.py    the only I/O: reads the node (through the Runner and proc_root) twice
                   over a window, with the built-in probe running in between
@@ -15,6 +15,7 @@ node without conntrack, kube-proxy or a DNS server says less, never something wr
 
 from __future__ import annotations
 
+from dnsguard.diagnose.cache import classify_cache
 from dnsguard.diagnose.conntrack import classify_conntrack
 from dnsguard.diagnose.dns import classify_probes, classify_rcvbuf, classify_resolv
 from dnsguard.diagnose.findings import (
@@ -61,4 +62,5 @@ def classify(samples: Samples) -> list[Finding]:
         *classify_probes(samples.probes),
         *classify_resolv(samples.resolv),
         *classify_interception(samples.rules, samples.udp_listeners, samples.probes),
+        *classify_cache(samples.cache),
     ])

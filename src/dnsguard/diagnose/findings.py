@@ -48,6 +48,10 @@ FINDING_IDS = (
     "dns-unreachable",
     "resolv-search-amplification",
     "interception-without-cache",
+    "cache-requestlist-drops",
+    "cache-upstream-failing",
+    "cache-low-hit-ratio",
+    "cache-nxdomain-sources",
 )
 
 

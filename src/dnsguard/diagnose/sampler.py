@@ -12,7 +12,8 @@ Order of work, and why:
 3. Second counter reading, after the probe finished (bounded: a probe lasts at most its
    duration plus its timeout).
 
-Every external command goes through the `Runner`; files are read under ``proc_root``.
+Every external command goes through the `Runner` (the node-local cache's statistics through
+its unbound-control, when doctor is given one); files are read under ``proc_root``.
 Failures of one source become notes and a missing sample, never an exception: doctor must
 report what it can see on a half-broken node.
 """
@@ -27,9 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dnsguard.cache.stats import (
+    Control,
+    Monotonic,
+    StatsError,
+    parse_forwards,
+    parse_infra,
+    parse_stats,
+)
 from dnsguard.diagnose.rules import discover_dns_ips
 from dnsguard.diagnose.samples import (
     NODE_LOCAL_IP,
+    CacheWindow,
     ConntrackWindow,
     DnsServerWindow,
     ProbeSample,
@@ -74,12 +84,52 @@ class Sampler:
     def __init__(self, runner: Runner, proc_root: Path = Path("/proc"), *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 prober: Prober = run_probe) -> None:
+                 prober: Prober = run_probe, cache_control: Control | None = None,
+                 cache_log: Path | None = None) -> None:
         self.runner = runner
         self.proc_root = proc_root
         self.clock = clock
         self.sleep = sleep
         self.prober = prober
+        #: dnsguard's node-local cache (unbound-control) and its log, when it runs here
+        self.cache_control = cache_control
+        self.cache_log = cache_log
+
+    def _cache_stats(self, notes: list[str]) -> dict[str, float] | None:
+        if self.cache_control is None:
+            return None
+        try:
+            return parse_stats(self.cache_control(["stats_noreset"]))
+        except StatsError as exc:
+            notes.append(f"node-local cache statistics unavailable ({exc}): cache findings "
+                         "not checked")
+            return None
+
+    def _log_size(self) -> int:
+        try:
+            return self.cache_log.stat().st_size if self.cache_log else 0
+        except OSError:
+            return 0
+
+    def _cache_window(self, before: dict[str, float], log_at: int, seconds: float,
+                      notes: list[str]) -> CacheWindow | None:
+        assert self.cache_control is not None
+        try:
+            after = parse_stats(self.cache_control(["stats_noreset"]))
+            upstreams = Monotonic().upstreams(
+                parse_forwards(self.cache_control(["list_forwards"])),
+                parse_infra(self.cache_control(["dump_infra"])))
+        except StatsError as exc:
+            notes.append(f"node-local cache statistics unavailable at the end ({exc})")
+            return None
+        replies: tuple[str, ...] = ()
+        if self.cache_log is not None and self._log_size() > log_at:
+            with self.cache_log.open("rb") as f:  # only what was written during the window
+                f.seek(log_at)
+                replies = tuple(f.read().decode(errors="replace").splitlines())
+        notes.append(f"node-local cache statistics over the window ({len(upstreams)} "
+                     f"upstreams, {len(replies)} query log lines)")
+        return CacheWindow(before, after, seconds, upstreams, replies)
 
     def _dump(self, argv: list[str]) -> str | None:
         try:
@@ -150,6 +200,7 @@ class Sampler:
         notes.append("DNS server namespaces: " + (
             "; ".join(s.label for s in servers) or "none found (by /proc/*/comm)"))
 
+        cache0, log_at = self._cache_stats(notes), self._log_size()
         ct0 = read_conntrack(self.runner, self.proc_root)
         udp0 = {s.netns: read_udp_counters(self.proc_root, s.pid) for s in servers}
         t0 = self.clock()
@@ -190,11 +241,12 @@ class Sampler:
             notes.append(f"conntrack statistics from {ct1.source}")
         else:
             notes.append("conntrack statistics unavailable: conntrack findings not checked")
+        cache = None if cache0 is None else self._cache_window(cache0, log_at, seconds, notes)
         with lock:
             done = tuple(sorted(probes, key=lambda p: p.target))
         return Samples(window=seconds, kernel_release=release, conntrack=conntrack,
                        rules=rules, dns_servers=tuple(windows), probes=done, resolv=resolv,
-                       udp_listeners=listeners, notes=tuple(notes))
+                       udp_listeners=listeners, notes=tuple(notes), cache=cache)
 
     def _run_probe(self, label: str, pcfg: ProbeConfig, out: list[ProbeSample],
                    lock: threading.Lock) -> None:

@@ -8,8 +8,10 @@ source is ``None`` (or an empty tuple), and classifiers draw nothing from it.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dnsguard.cache.stats import Upstream
 from dnsguard.model import IPAddress, ProxyMode
 from dnsguard.node.conntrack import ConntrackStats
 from dnsguard.node.procnet import DnsServer, ResolvConf, UdpCounters
@@ -17,6 +19,7 @@ from dnsguard.probe import ProbeReport
 
 __all__ = [
     "NODE_LOCAL_IP",
+    "CacheWindow",
     "ConntrackWindow",
     "DnsServerWindow",
     "ProbeSample",
@@ -116,6 +119,25 @@ class ResolvSample:
 
 
 @dataclass(frozen=True)
+class CacheWindow:
+    """The node-local cache's raw statistics at both ends of the window, its upstreams at the
+    end, and the query log lines written in between (empty when the log is off)."""
+
+    before: Mapping[str, float]
+    after: Mapping[str, float]
+    seconds: float
+    upstreams: tuple[Upstream, ...] = ()
+    replies: tuple[str, ...] = ()
+
+    def delta(self, key: str) -> float | None:
+        """How much a counter moved; None across a statistics reset (restart or reload)."""
+        a, b = self.before.get(key, 0.0), self.after.get(key, 0.0)
+        reset = self.after.get("total.num.queries", 0.0) < self.before.get(
+            "total.num.queries", 0.0)
+        return None if reset or b < a else b - a
+
+
+@dataclass(frozen=True)
 class Samples:
     window: float
     kernel_release: str | None = None
@@ -127,3 +149,4 @@ class Samples:
     #: (address, port) of UDP sockets in the node's namespace; None when unreadable
     udp_listeners: frozenset[tuple[str, int]] | None = None
     notes: tuple[str, ...] = ()
+    cache: CacheWindow | None = None

@@ -69,6 +69,8 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "# Written by dnsguard; changes are overwritten.",
         "server:",
         "    verbosity: 0",
+        # per-type, per-rcode and histogram counters for dnsguard.cache.stats (unbound-control)
+        "    extended-statistics: yes",
         "    use-syslog: no",
         '    logfile: ""',
         "    do-daemonize: no",
