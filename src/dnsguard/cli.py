@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -53,6 +54,8 @@ _IPVS_KUBELET_NOTE = (
     "fall back to the ClusterIP through dnsguard's DNAT while the cache is down")
 #: where `status --watch` finds the agent when --metrics-address is not given
 WATCH_ADDRESS = ("127.0.0.1", 9253)
+#: a self-probe lookup that takes longer has failed; the histogram's last bucket
+SELF_PROBE_TIMEOUT = 5.0
 #: how long `run` waits for the API's first facts before giving up
 FIRST_FACTS_TIMEOUT = 60.0
 
@@ -308,14 +311,23 @@ def _self_probe(agent: Agent, metrics: Metrics, settings: Settings,
             if settings.dns_ips:
                 targets.append(("cluster", str(settings.dns_ips[0])))
             for label, server in targets:
-                took = selfprobe.lookup(server, name, timeout=5.0)
-                if took is None:
-                    metrics.probe_failures.labels(label).inc()
-                    metrics.probe_duration.labels(label).observe(float("inf"))
-                else:
-                    metrics.probe_duration.labels(label).observe(took)
+                took = selfprobe.lookup(server, name, timeout=SELF_PROBE_TIMEOUT)
+                record_probe(metrics, label, took)
 
     threading.Thread(target=loop, daemon=True, name="self-probe").start()
+
+
+def record_probe(metrics: Metrics, target: str, took: float | None) -> None:
+    """One self-probe result; ``None`` is a failed lookup.
+
+    A failure is observed just past the last bucket: it lands in +Inf like a timeout, yet the
+    histogram's ``_sum`` stays finite (an infinite sum stays +Inf forever, and every rate() or
+    average over it would be useless after the first failure).
+    """
+    if took is None:
+        metrics.probe_failures.labels(target).inc()
+        took = math.nextafter(SELF_PROBE_TIMEOUT, math.inf)
+    metrics.probe_duration.labels(target).observe(took)
 
 
 def _healthy(agent: Agent, settings: Settings) -> Probe:
