@@ -55,7 +55,9 @@ class Settings:
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
     node_name: str | None = None
     # reporting
-    metrics_address: tuple[str, int] | None = None
+    #: loopback by default, like kube-proxy's metrics (127.0.0.1:10249); 9254, not 9253, which
+    #: node-local-dns's CoreDNS serves on every node address (see deploy/README.md)
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 9254)
     probe_interval: float = 0.0
 
 
@@ -92,8 +94,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     kube.add_argument("--node-name", metavar="NAME",
                       help="this node, for its pod CIDRs (default $NODE_NAME)")
     report = parser.add_argument_group("reporting (dnsguard run)")
-    report.add_argument("--metrics-address", metavar="HOST:PORT",
-                        help="serve /metrics, /healthz and /readyz here (default: off)")
+    report.add_argument("--metrics-address", metavar="HOST:PORT|off",
+                        help="serve /metrics, /healthz and /readyz here (default "
+                             "127.0.0.1:9254; the DaemonSet uses 0.0.0.0:9254)")
     report.add_argument("--probe-interval", metavar="SECONDS",
                         help="self-probe the cluster DNS this often for the latency histogram "
                              "(default 0: off)")
@@ -274,8 +277,9 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["dns_services"] = _dedup([_service("--dns-service", v) for v in svcs])
     if node := (_raw(ns, env, "--node-name") or env.get("NODE_NAME")):
         kwargs["node_name"] = str(node)
-    if (raw := _raw(ns, env, "--metrics-address")) is not None and str(raw):
-        kwargs["metrics_address"] = _hostport("--metrics-address", str(raw))
+    if (raw := _raw(ns, env, "--metrics-address")) is not None:
+        kwargs["metrics_address"] = None if str(raw) in ("", "off") else \
+            _hostport("--metrics-address", str(raw))
     if (raw := _raw(ns, env, "--probe-interval")) is not None:
         kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:

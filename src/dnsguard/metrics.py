@@ -10,10 +10,8 @@ miss that event. The registry is passed in, so tests use their own.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dnsguard.httpd import BoundedHTTPServer, Limits, Response
 from dnsguard.netfilter.runner import Runner
-from dnsguard.node.conntrack import read_conntrack
+from dnsguard.node.conntrack import CachedConntrack
 
 if TYPE_CHECKING:
     from dnsguard.agent import Agent
@@ -76,7 +75,10 @@ class Metrics:
 
 class _StateCollector(Collector):
     def __init__(self, agent: Agent, runner: Runner, proc_root: Path) -> None:
-        self.agent, self.runner, self.proc_root = agent, runner, proc_root
+        self.agent = agent
+        #: where the proc file is missing a reading forks ``conntrack -S``: once per max_age,
+        #: however often (or however many at once) /metrics is asked for
+        self.conntrack = CachedConntrack(runner, proc_root)
 
     def collect(self) -> Iterator[Metric]:
         st = self.agent.state
@@ -109,7 +111,7 @@ class _StateCollector(Collector):
 
     def _conntrack(self) -> Iterator[Metric]:
         try:
-            ct = read_conntrack(self.runner, self.proc_root)
+            ct = self.conntrack.read()
         except Exception as exc:  # never fail a scrape over a counter we could not read
             log.debug("conntrack statistics unavailable: %s", exc)
             return
@@ -144,31 +146,30 @@ class Probe:
 
 
 def serve(address: tuple[str, int], metrics: Metrics, healthy: Callable[[], Probe],
-          ready: Callable[[], Probe]) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz on a daemon thread; returns the server."""
+          ready: Callable[[], Probe], limits: Limits | None = None) -> BoundedHTTPServer | None:
+    """Serve /metrics, /healthz and /readyz on a daemon thread; the running server, or None.
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                self._send(200, metrics.exposition(), "text/plain; version=0.0.4")
-            elif self.path in ("/healthz", "/readyz"):
-                p = healthy() if self.path == "/healthz" else ready()
-                self._send(200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain")
-            else:
-                self._send(404, b"not found\n", "text/plain")
+    The server bounds threads, memory and time per client (see `dnsguard.httpd`): the port is
+    on the node's network, reachable by anything that can reach the node. An address that
+    cannot be bound (in use by another agent still draining, or another program) is logged
+    and the agent runs on without it: the DNS mitigation must not depend on a metrics port,
+    and a DaemonSet's probes still report the missing endpoint.
+    """
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def handle(path: str) -> Response:
+        if path == "/metrics":
+            return 200, metrics.exposition(), "text/plain; version=0.0.4"
+        if path in ("/healthz", "/readyz"):
+            p = healthy() if path == "/healthz" else ready()
+            return 200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain"
+        return 404, b"not found\n", "text/plain"
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # scrapes every few seconds would drown the agent's own log
-
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    try:
+        server = BoundedHTTPServer(address, handle, limits)
+    except OSError as exc:
+        log.error("not serving /metrics, /healthz, /readyz: --metrics-address %s:%d: %s",
+                  address[0], address[1], exc)
+        return None
+    server.start()
     log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
     return server

@@ -64,3 +64,13 @@ def test_ipv6_dns_ip_on_a_node_without_ipv6_is_a_config_error(tmp_path) -> None:
     assert str(exc.value).startswith("invalid --dns-ip fd00:198:18:1::a: IPv6 is disabled")
     (tmp_path / "net/if_inet6").write_text("")
     assert observe(s, FakeRunner(), tmp_path).facts.dns_ips == s.dns_ips
+
+
+def test_metrics_address_is_loopback_by_default_and_can_be_turned_off() -> None:
+    assert parse([]).metrics_address == ("127.0.0.1", 9254)
+    assert parse(["--metrics-address", "0.0.0.0:9254"]).metrics_address == ("0.0.0.0", 9254)
+    assert parse(["--metrics-address", "[::1]:9254"]).metrics_address == ("::1", 9254)
+    assert parse(["--metrics-address", "off"]).metrics_address is None
+    assert parse([], {"DNSGUARD_METRICS_ADDRESS": ""}).metrics_address is None
+    with pytest.raises(ConfigError, match="invalid --metrics-address 'somehost:1'"):
+        parse(["--metrics-address", "somehost:1"])

@@ -150,7 +150,9 @@ def test_probes_resources_and_grace_period(rendered):
     _, objs, _ = rendered
     c = _container(objs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"metrics": 9253}
+    assert ports == {"metrics": 9254}
+    data = objs[("ConfigMap", "dnsguard")]["data"]
+    assert data["DNSGUARD_METRICS_ADDRESS"] == "0.0.0.0:9254"  # kubelet probes the node's IP
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     res = c["resources"]
