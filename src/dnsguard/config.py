@@ -50,6 +50,8 @@ class Settings:
     node_resolv_conf: Path = Path("/etc/resolv.conf")
     drain_seconds: float = 2.0
     unbound: str = "unbound"
+    #: queries per second one client address may send to the cache; 0: unlimited
+    cache_client_qps: int = 10000
     # Kubernetes API: facts the flags do not give
     kubeconfig: Path | None = None
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
@@ -114,6 +116,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
                        help="resolv.conf whose nameservers get names outside the cluster")
     cache.add_argument("--unbound", metavar="PATH",
                        help="the unbound binary (default: unbound on PATH)")
+    cache.add_argument("--cache-client-qps", metavar="QPS",
+                       help="queries per second one client address may send to the cache "
+                            "(unbound ip-ratelimit; default 10000, 0: unlimited)")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
@@ -269,6 +274,12 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["node_resolv_conf"] = Path(str(raw))
     if (raw := _raw(ns, env, "--unbound")) is not None:
         kwargs["unbound"] = str(raw)
+    if (raw := _raw(ns, env, "--cache-client-qps")) is not None:
+        qps = str(raw)
+        if not (qps.isascii() and qps.isdigit()) or int(qps) > 1_000_000:
+            raise ConfigError(f"invalid --cache-client-qps {qps!r}: expected a whole number "
+                              "of queries per second, 0 to 1000000 (0: unlimited)")
+        kwargs["cache_client_qps"] = int(qps)
     if (raw := _raw(ns, env, "--drain-seconds")) is not None:
         kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
     if (raw := _raw(ns, env, "--kubeconfig")) is not None:

@@ -256,5 +256,7 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
         cluster_upstreams=tuple(upstreams),
         external_upstreams=external,
         ipv6=Family.V6 in facts.families,
+        pod_cidrs=facts.pod_cidrs,
+        client_qps=settings.cache_client_qps,
     )
     return Plan(tuple(rulesets), cache=spec)

@@ -1,0 +1,121 @@
+"""The node-local cache's exposure, with the real unbound in a lab node.
+
+Who it answers (access-control) and how fast one client may query it (ip-ratelimit), as
+rendered by `render_unbound`. Every lab address is in 198.18.0.0/15, which the cache allows
+as non-global space (`CLUSTER_PRIVATE`): to see a refusal here, that list is emptied for the
+test, so only loopback, the listen address and the pod CIDR given are allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dnsguard_helpers import wait_for
+
+import dnsguard.plan.cache as cache_plan
+from dnsguard.model import Family
+from dnsguard.plan.cache import CacheSpec, render_unbound
+from dnsguard.testing.lab import NODE_IPS, Lab, LabConfig, dns_pod_ip, pod_ip, service_fqdn
+
+pytestmark = pytest.mark.root
+
+NODE = NODE_IPS[Family.V4]
+
+BURST = r"""
+import socket, struct, sys, time
+from dnsguard.dnswire import build_query
+server, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+for i in range(n):
+    s.sendto(build_query(name, 1, i), (server, 53))
+s.settimeout(2.0)
+got = set()
+try:
+    while True:
+        got.add(struct.unpack("!H", s.recv(4096)[:2])[0])
+except TimeoutError:
+    pass
+print(len(got))
+"""
+
+
+def dig_status(lab: Lab, pod: int, server: str, name: str) -> str:
+    out = lab.pod_run(pod, ["dig", f"@{server}", name, "+tries=1", "+time=3"],
+                      check=False).stdout
+    m = re.search(r"status: (\w+)", out)
+    return m.group(1) if m else "TIMEOUT"
+
+
+def start_unbound(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  client_qps: int = 0) -> subprocess.Popen[str]:
+    monkeypatch.setattr(cache_plan, "CLUSTER_PRIVATE", ())
+    spec = CacheSpec(listen=(NODE,), health_port=53053, cluster_domain="cluster.local",
+                     cluster_upstreams=((dns_pod_ip(0), 53),), external_upstreams=(),
+                     ipv6=False, pod_cidrs=(ipaddress.ip_network(f"{pod_ip(0)}/32"),),
+                     client_qps=client_qps)
+    conf = tmp_path / "unbound.conf"
+    conf.write_text(render_unbound(spec, tmp_path))
+    log = (tmp_path / "unbound.out").open("w")
+    proc = lab.popen_in(lab.node_netns, ["unbound", "-d", "-c", str(conf)], stdout=log,
+                        stderr=subprocess.STDOUT)
+    log.close()
+    wait_for(lambda: dig_status(lab, 0, str(NODE), service_fqdn(1)) == "NOERROR", timeout=20)
+    return proc
+
+
+@pytest.fixture
+def lab():
+    with Lab(LabConfig()) as lab:
+        yield lab
+
+
+def test_the_cache_answers_its_pods_and_refuses_other_sources(
+        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = start_unbound(lab, tmp_path, monkeypatch)
+    try:
+        assert dig_status(lab, 0, str(NODE), service_fqdn(1)) == "NOERROR"  # in the pod CIDR
+        assert dig_status(lab, 1, str(NODE), service_fqdn(1)) == "REFUSED"  # outside it
+        # the node itself: a query to a local address leaves with that address as its source
+        out = lab.node_run(["dig", f"@{NODE}", service_fqdn(1), "+tries=1", "+time=3"],
+                           check=False).stdout
+        assert "status: NOERROR" in out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_one_client_cannot_take_the_whole_cache(
+        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = start_unbound(lab, tmp_path, monkeypatch, client_qps=20)
+    try:
+        answered = int(lab.pod_run(0, [sys.executable, "-c", BURST, str(NODE),
+                                       service_fqdn(1), "400"]).stdout)
+        print(f"ip-ratelimit 20: {answered} of 400 answered")
+        # 20 a second plus one in ten of the rest (ip-ratelimit-factor 10); without the limit
+        # every one of the 400 is answered from the cache
+        assert answered < 150, answered
+        assert answered >= 20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_without_a_limit_the_same_burst_is_answered(
+        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline of the test above: the burst itself is not what loses answers."""
+    proc = start_unbound(lab, tmp_path, monkeypatch, client_qps=0)
+    try:
+        answered = int(lab.pod_run(0, [sys.executable, "-c", BURST, str(NODE),
+                                       service_fqdn(1), "400"]).stdout)
+        print(f"no ip-ratelimit: {answered} of 400 answered")
+        assert answered >= 300, answered
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
