@@ -9,13 +9,16 @@ test, so only loopback, the listen address and the pod CIDR given are allowed.
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import wait_for
+from dnsguard_helpers import nodelocal_args, stop_agent, wait_for
 
 import dnsguard.plan.cache as cache_plan
 from dnsguard.model import Family
@@ -119,3 +122,62 @@ def test_without_a_limit_the_same_burst_is_answered(
         proc.terminate()
         proc.wait(timeout=10)
 
+
+
+#: The container's capabilities (deploy/base/daemonset.yaml): root, with only these.
+POD_CAPS = "net_admin,net_raw,net_bind_service,setuid,setgid,kill"
+
+
+def status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"{name} not in /proc/{pid}/status")
+
+
+def test_the_cache_drops_to_its_user_and_still_reloads_and_stops(lab: Lab) -> None:
+    """The agent with the pod's capabilities only: unbound binds 53 on the ClusterIP and
+    169.254.20.10, then runs as ``unbound`` with no capabilities; reload and
+    reload_keep_cache keep it answering; its log and control socket work; the agent stops it."""
+    # a state dir the unbound user can search (pytest's tmp_path is under a 0700 directory)
+    base = Path(tempfile.mkdtemp(prefix="dnsguard-privs-", dir="/tmp"))
+    base.chmod(0o755)
+    state = base / "state"
+    try:
+        args = [*nodelocal_args(lab, state), "--metrics-address", "off"]
+        with (base / "agent.log").open("w") as out:
+            agent = lab.popen_in(lab.node_netns, [
+                "setpriv", "--bounding-set", f"-all,+{POD_CAPS.replace(',', ',+')}",
+                "--inh-caps", "-all", "--", sys.executable, "-m", "dnsguard", "run", *args],
+                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            name = service_fqdn(1)
+            wait_for(lambda: dig_status(lab, 0, "169.254.20.10", name) == "NOERROR", timeout=30)
+            assert dig_status(lab, 0, str(lab.dns_ips[0]), name) == "NOERROR"
+            m = re.search(r"started unbound, pid (\d+)", (base / "agent.log").read_text())
+            assert m, (base / "agent.log").read_text()
+            pid = int(m.group(1))
+            uid = str(pwd.getpwnam("unbound").pw_uid)
+            assert status_field(pid, "Uid").split() == [uid] * 4
+            assert int(status_field(pid, "CapEff"), 16) == 0
+            assert int(status_field(pid, "CapPrm"), 16) == 0
+            assert "is not root" not in (base / "agent.log").read_text()
+            conf = str(state / "unbound.conf")
+            for command in ("reload", "reload_keep_cache"):
+                before = (state / "unbound.log").stat().st_size
+                res = lab.node_run(["unbound-control", "-c", conf, command], check=False)
+                assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+                for server in ("169.254.20.10", str(lab.dns_ips[0])):
+                    assert dig_status(lab, 0, server, name) == "NOERROR", (command, server)
+                # the same process, still unprivileged, still writing its log
+                assert status_field(pid, "Uid").split() == [uid] * 4
+                wait_for(lambda b=before: (state / "unbound.log").stat().st_size > b, 10)
+            assert stop_agent(agent) == 0
+            assert not Path(f"/proc/{pid}").exists() or \
+                status_field(pid, "State").startswith("Z")
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 from dnsguard.model import IPAddress, IPNetwork
 
-__all__ = ["CLUSTER_PRIVATE", "HEALTH_NAME", "CacheSpec", "access_control", "render_unbound"]
+__all__ = ["CACHE_USER", "CLUSTER_PRIVATE", "HEALTH_NAME", "CacheSpec", "access_control",
+           "render_unbound"]
+
+#: The user unbound drops to after binding; Debian's unbound package creates it.
+CACHE_USER = "unbound"
 
 #: Answered by the cache itself from local data; the agent asks it every health tick.
 HEALTH_NAME = "health.dnsguard.invalid."
@@ -77,7 +81,11 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "    use-syslog: no",
         '    logfile: ""',
         "    do-daemonize: no",
-        '    username: ""',
+        # unbound binds port 53 (and forces its socket buffers) as root, then drops to this
+        # user with no capabilities; the supervisor turns it off where the drop cannot work
+        f'    username: "{CACHE_USER}"',
+        # no chroot: it needs CAP_SYS_CHROOT, which the pod does not have, and the config, the
+        # control socket and the log inside it; the uid and no capabilities are the boundary
         '    chroot: ""',
         f'    directory: "{state_dir}"',
         '    pidfile: ""',
