@@ -146,9 +146,11 @@ def test_the_cache_drops_to_its_user_and_still_reloads_and_stops(lab: Lab) -> No
     try:
         args = [*nodelocal_args(lab, state), "--metrics-address", "off"]
         with (base / "agent.log").open("w") as out:
+            # allowPrivilegeEscalation: false is no_new_privs
             agent = lab.popen_in(lab.node_netns, [
-                "setpriv", "--bounding-set", f"-all,+{POD_CAPS.replace(',', ',+')}",
-                "--inh-caps", "-all", "--", sys.executable, "-m", "dnsguard", "run", *args],
+                "setpriv", "--no-new-privs", "--inh-caps", "-all",
+                "--bounding-set", f"-all,+{POD_CAPS.replace(',', ',+')}",
+                "--", sys.executable, "-m", "dnsguard", "run", *args],
                 stdout=out, stderr=subprocess.STDOUT)
         try:
             name = service_fqdn(1)

@@ -119,13 +119,157 @@ def test_daemonset_runs_on_every_node_with_host_network(rendered):
     assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 
 
+#: Each overlay's capabilities, and why (deploy/README.md lists them with the same reasons).
+CAPABILITIES = {
+    "iptables": {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID", "KILL"},
+    "nftables": {"NET_ADMIN", "NET_BIND_SERVICE", "SETUID", "SETGID", "KILL"},
+    # NOTRACK only: no cache, so nothing binds port 53 or changes uid
+    "ipvs": {"NET_ADMIN", "NET_RAW"},
+}
+
+
 def test_container_has_capabilities_not_privilege(rendered):
-    _, objs, _ = rendered
+    name, objs, _ = rendered
     sc = _container(objs)["securityContext"]
     assert sc["privileged"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"],
-                                  "add": ["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"]}
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(CAPABILITIES[name])
     assert sc["readOnlyRootFilesystem"] is True
+    # NET_RAW only where kube-proxy may use iptables-legacy (nftables mode: native nft)
+    assert ("NET_RAW" in sc["capabilities"]["add"]) == (name != "nftables")
+
+
+def test_every_capability_and_host_path_is_explained_in_the_readme(rendered):
+    name, objs, _ = rendered
+    readme = (ROOT / "deploy/README.md").read_text()
+    section = readme[readme.index("## Capabilities and host paths"):]
+    for cap in _container(objs)["securityContext"]["capabilities"]["add"]:
+        assert re.search(rf"^\| `{cap}` \|", section, re.M), f"{cap} not explained"
+    for vol in _ds(objs)["spec"]["template"]["spec"]["volumes"]:
+        if "hostPath" in vol:
+            assert f"`{vol['hostPath']['path']}`" in section, f"{vol['hostPath']['path']}"
+
+
+# -- PodSecurity ------------------------------------------------------------------------------
+#: Pod Security Standards, the controls checkable on a manifest (kubernetes.io/docs/concepts/
+#: security/pod-security-standards, as of 1.34). No maintained Python implementation exists on
+#: PyPI; this follows the standard's tables, control by control.
+BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                 "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def _containers(pod: dict) -> list[dict]:
+    return [*pod.get("initContainers", []), *pod["containers"],
+            *pod.get("ephemeralContainers", [])]
+
+
+def pss_violations(pod: dict, level: str) -> set[str]:
+    """The controls of ``level`` (baseline or restricted) that ``pod`` (a PodSpec) breaks.
+
+    As the API server would admit it: for a hostNetwork pod it defaults every containerPort's
+    hostPort to the containerPort, so those count as host ports.
+    """
+    bad: set[str] = set()
+    psc = pod.get("securityContext", {})
+    for ns in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(ns):
+            bad.add(ns)
+    if any("hostPath" in v for v in pod.get("volumes", [])):
+        bad.add("hostPath volumes")
+    if psc.get("windowsOptions", {}).get("hostProcess"):
+        bad.add("hostProcess")
+    if any(s["name"] not in SAFE_SYSCTLS for s in psc.get("sysctls", [])):
+        bad.add("sysctls")
+    for c in _containers(pod):
+        sc = c.get("securityContext", {})
+        if sc.get("privileged"):
+            bad.add("privileged")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            bad.add("hostProcess")
+        if set(sc.get("capabilities", {}).get("add", [])) - BASELINE_CAPS:
+            bad.add("capabilities")
+        if any(p.get("hostPort") or pod.get("hostNetwork") for p in c.get("ports", [])):
+            bad.add("hostPorts")
+        if sc.get("procMount", "Default") != "Default":
+            bad.add("procMount")
+        for ctx in (psc, sc):
+            if ctx.get("seccompProfile", {}).get("type") == "Unconfined":
+                bad.add("seccomp")
+            if ctx.get("appArmorProfile", {}).get("type") == "Unconfined":
+                bad.add("appArmor")
+            se = ctx.get("seLinuxOptions", {})
+            if se.get("user") or se.get("role") or se.get("type", "container_t") not in (
+                    "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+                bad.add("seLinux")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            for handler in ("httpGet", "tcpSocket"):
+                if c.get(probe, {}).get(handler, {}).get("host"):
+                    bad.add("probe host")
+    if level == "baseline":
+        return bad
+    if {k for v in pod.get("volumes", []) for k in v if k != "name"} - RESTRICTED_VOLUMES:
+        bad.add("volume types")
+    for c in _containers(pod):
+        sc = c.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.add("allowPrivilegeEscalation")
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            bad.add("runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.add("runAsUser 0")
+        if sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") not in (
+                "RuntimeDefault", "Localhost"):
+            bad.add("seccomp")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.add("capabilities")
+    return bad
+
+
+#: Why the DaemonSet needs the privileged level, and nothing more than these controls break.
+NEEDS_PRIVILEGED = {"hostNetwork", "hostPath volumes", "hostPorts", "capabilities"}
+
+
+def test_pod_needs_the_privileged_level_for_exactly_the_documented_reasons(rendered):
+    _, objs, _ = rendered
+    pod = _ds(objs)["spec"]["template"]["spec"]
+    assert pss_violations(pod, "baseline") == NEEDS_PRIVILEGED
+    # and what restricted adds on top: root (iptables) and the host volumes
+    assert pss_violations(pod, "restricted") - NEEDS_PRIVILEGED == {
+        "volume types", "runAsNonRoot", "runAsUser 0"}
+
+
+def test_pss_checker_sees_each_control():
+    """The checker is not a no-op: each mutation below breaks exactly its control."""
+    base = {"containers": [{"name": "c", "securityContext": {
+        "allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": 1000,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}]}
+    assert pss_violations(base, "restricted") == set()
+    cases = {
+        "hostPID": lambda p: p.update(hostPID=True),
+        "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        "capabilities": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(
+            add=["SYS_ADMIN"]),
+        "hostPath volumes": lambda p: p.update(volumes=[{"name": "v", "hostPath": {"path": "/"}}]),
+        "probe host": lambda p: p["containers"][0].update(
+            livenessProbe={"httpGet": {"path": "/", "port": 1, "host": "10.0.0.1"}}),
+        "sysctls": lambda p: p.update(securityContext={"sysctls": [
+            {"name": "net.core.rmem_max", "value": "1"}]}),
+        "hostPorts": lambda p: p["containers"][0].update(ports=[{"containerPort": 1,
+                                                                 "hostPort": 1}]),
+    }
+    for control, mutate in cases.items():
+        pod = copy.deepcopy(base)
+        mutate(pod)
+        assert control in pss_violations(pod, "baseline"), control
 
 
 def test_host_paths_and_writable_dirs(rendered):
