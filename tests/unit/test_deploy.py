@@ -23,6 +23,7 @@ import yaml
 
 from dnsguard.cli import build_parser
 from dnsguard.config import env_name, settings_from
+from dnsguard.kube import client as kclient
 from dnsguard.model import Mitigation, ProxyMode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,13 @@ def rendered(request):
     out = subprocess.run([_kubectl(), "kustomize", str(ROOT / "deploy/overlays" / request.param)],
                          capture_output=True, text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
-    return request.param, {(d["kind"], d["metadata"]["name"].split("-")[0]): d for d in docs}, docs
+    return request.param, {(d["kind"], _name(d)): d for d in docs}, docs
+
+
+def _name(doc: dict) -> str:
+    """The object's name, without the hash suffix kustomize gives a generated ConfigMap."""
+    name: str = doc["metadata"]["name"]
+    return name.rsplit("-", 1)[0] if doc["kind"] == "ConfigMap" else name
 
 
 def _ds(objs):
@@ -67,8 +74,8 @@ def _container(objs):
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_validates_strictly(rendered, version):
     _, _, docs = rendered
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                         "ConfigMap", "DaemonSet"}
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+                                         "ClusterRoleBinding", "ConfigMap", "DaemonSet"}
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
@@ -86,22 +93,95 @@ def test_validation_catches_a_bad_field(rendered):
         kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
 
 
-def test_rbac_is_read_only_and_minimal(rendered):
-    _, objs, _ = rendered
-    rules = objs[("ClusterRole", "dnsguard")]["rules"]
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {(g, r, v) for g, r in [("", "services"), ("discovery.k8s.io",
-                                                                  "endpointslices"),
-                                              ("", "nodes")]
-                       for v in ("get", "list", "watch")}
-    binding = objs[("ClusterRoleBinding", "dnsguard")]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
-                                  "kind": "ClusterRole", "name": "dnsguard"}
+# -- RBAC -------------------------------------------------------------------------------------
+def _grants(objs: dict, sa: dict) -> set[tuple[str | None, str, str, str, str | None]]:
+    """(namespace or None for cluster-wide, group, resource, verb, name or None) the service
+    account is granted, from the rendered Roles, ClusterRoles and their bindings."""
+    out = set()
+    for (kind, _), b in objs.items():
+        if kind not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if {"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]} \
+                not in b["subjects"]:
+            continue
+        role = objs[(b["roleRef"]["kind"], b["roleRef"]["name"])]
+        where = b["metadata"]["namespace"] if kind == "RoleBinding" else None
+        for rule in role["rules"]:
+            for g in rule["apiGroups"]:
+                for r in rule["resources"]:
+                    for v in rule["verbs"]:
+                        for n in rule.get("resourceNames", [None]):
+                            out.add((where, g, r, v, n))
+    return out
+
+
+def _allowed(grants, namespace: str | None, group: str, resource: str, verb: str,
+             name: str | None) -> bool:
+    """RBAC's rule: a namespaced grant covers its namespace, a cluster grant every namespace;
+    a grant with a resource name covers only requests naming it (for list and watch, through
+    a ``metadata.name`` field selector)."""
+    return any((w is None or w == namespace) and g == group and r == resource and v == verb
+               and (n is None or n == name) for w, g, r, v, n in grants)
+
+
+def _requests(settings) -> list[tuple[str | None, str, str, str, str | None]]:
+    """Every list and watch the agent makes with ``settings``, taken from dnsguard.kube.client
+    itself (the paths and selectors it really sends)."""
+    lws = []
+    for ns, name in settings.dns_services:
+        lws += [kclient.service(None, ns, name), kclient.endpoint_slices_of(None, ns, name)]
+    lws.append(kclient.node(None, "node-1"))
+    if settings.external_to_cluster:
+        lws.append(kclient.all_services(None))
+    out = []
+    for lw in lws:
+        path = lw.list_fn.path
+        m = re.fullmatch(r"/apis?/(?:(?P<g>[a-z0-9.]+)/)?v1/(?:namespaces/(?P<ns>[^/]+)/)?"
+                         r"(?P<r>[a-z]+)", path)
+        assert m, path
+        group = m["g"] if path.startswith("/apis/") else ""
+        fs = lw.field_selector or ""
+        name = fs.split("=", 1)[1] if fs.startswith("metadata.name=") else None
+        for verb in ("list", "watch"):
+            out.append((m["ns"], group, m["r"], verb, name))
+    return out
+
+
+def test_rbac_is_read_only_and_covers_exactly_what_the_agent_reads(rendered):
+    name, objs, _ = rendered
     sa = objs[("ServiceAccount", "dnsguard")]["metadata"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"],
-                                    "namespace": sa["namespace"]}]
+    grants = _grants(objs, sa)
+    assert {v for *_, v, _ in grants} <= {"get", "list", "watch"}
+    data = objs[("ConfigMap", "dnsguard")]["data"]
+    settings = settings_from(build_parser().parse_args(["run"]), env=data)
+    for req in _requests(settings):
+        assert _allowed(grants, *req), f"{name}: the agent's {req} is not allowed"
+    # kube-system/kube-dns only, unless --external-to-cluster needs every Service
+    assert settings.dns_services == (("kube-system", "kube-dns"),)
+    cluster_wide = {(g, r) for w, g, r, v, n in grants if w is None}
+    if settings.external_to_cluster:
+        assert cluster_wide == {("", "nodes"), ("", "services")}
+    else:
+        assert cluster_wide == {("", "nodes")}
+        assert not _allowed(grants, "default", "", "services", "list", "kubernetes")
+        assert not _allowed(grants, "kube-system", "", "services", "list", "metrics-server")
+        assert not _allowed(grants, "default", "discovery.k8s.io", "endpointslices", "list",
+                            None)
+    assert not _allowed(grants, "kube-system", "", "secrets", "get", None)
     assert _ds(objs)["spec"]["template"]["spec"]["serviceAccountName"] == sa["name"]
+
+
+def test_the_rbac_check_itself_can_fail(rendered):
+    """Without the Role, the agent's kube-dns watch is no longer allowed."""
+    _, objs, _ = rendered
+    objs = {k: v for k, v in objs.items() if k != ("RoleBinding", "dnsguard")}
+    grants = _grants(objs, objs[("ServiceAccount", "dnsguard")]["metadata"])
+    settings = settings_from(build_parser().parse_args(["run"]),
+                             env=objs[("ConfigMap", "dnsguard")]["data"])
+    if not settings.external_to_cluster:  # there, the cluster-wide read covers kube-dns too
+        assert not _allowed(grants, "kube-system", "", "services", "watch", "kube-dns")
+    assert not _allowed(grants, "kube-system", "discovery.k8s.io", "endpointslices", "watch",
+                        None)
 
 
 def test_daemonset_runs_on_every_node_with_host_network(rendered):
