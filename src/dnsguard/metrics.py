@@ -10,6 +10,7 @@ miss that event. The registry is passed in, so tests use their own.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from dnsguard.node.conntrack import CachedConntrack
 if TYPE_CHECKING:
     from dnsguard.agent import Agent
 
-__all__ = ["SYNC_ERROR_REASONS", "Metrics", "serve"]
+__all__ = ["SYNC_ERROR_REASONS", "Endpoint", "Metrics", "serve"]
 
 log = logging.getLogger("dnsguard.metrics")
 
@@ -146,14 +147,15 @@ class Probe:
 
 
 def serve(address: tuple[str, int], metrics: Metrics, healthy: Callable[[], Probe],
-          ready: Callable[[], Probe], limits: Limits | None = None) -> BoundedHTTPServer | None:
-    """Serve /metrics, /healthz and /readyz on a daemon thread; the running server, or None.
+          ready: Callable[[], Probe], *, limits: Limits | None = None,
+          retry_every: float = 1.0) -> Endpoint:
+    """Serve /metrics, /healthz and /readyz on daemon threads; `Endpoint.shutdown` stops.
 
     The server bounds threads, memory and time per client (see `dnsguard.httpd`): the port is
-    on the node's network, reachable by anything that can reach the node. An address that
-    cannot be bound (in use by another agent still draining, or another program) is logged
-    and the agent runs on without it: the DNS mitigation must not depend on a metrics port,
-    and a DaemonSet's probes still report the missing endpoint.
+    on the node's network, reachable by anything that can reach the node. An address in use
+    (the previous agent on this node still draining during a rollout, or another program) is
+    logged and retried every ``retry_every`` seconds while the agent runs on: the DNS
+    mitigation must not depend on a metrics port, and the probes answer as soon as it is free.
     """
 
     def handle(path: str) -> Response:
@@ -164,12 +166,52 @@ def serve(address: tuple[str, int], metrics: Metrics, healthy: Callable[[], Prob
             return 200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain"
         return 404, b"not found\n", "text/plain"
 
-    try:
-        server = BoundedHTTPServer(address, handle, limits)
-    except OSError as exc:
-        log.error("not serving /metrics, /healthz, /readyz: --metrics-address %s:%d: %s",
-                  address[0], address[1], exc)
-        return None
-    server.start()
-    log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
-    return server
+    endpoint = Endpoint(address, handle, limits, retry_every)
+    endpoint.start()
+    return endpoint
+
+
+class Endpoint:
+    """The server once its address could be bound (`server`, None until then)."""
+
+    def __init__(self, address: tuple[str, int], handle: Callable[[str], Response],
+                 limits: Limits | None, retry_every: float) -> None:
+        self.address, self.handle, self.limits = address, handle, limits
+        self.retry_every = retry_every
+        self.server: BoundedHTTPServer | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            self._bind()
+        except OSError as exc:
+            log.error("not serving /metrics, /healthz, /readyz yet: --metrics-address %s:%d: "
+                      "%s; retrying every %gs", self.address[0], self.address[1], exc,
+                      self.retry_every)
+            threading.Thread(target=self._retry, daemon=True, name="metrics-bind").start()
+
+    def _bind(self) -> None:
+        server = BoundedHTTPServer(self.address, self.handle, self.limits)
+        with self._lock:
+            if self._stop.is_set():
+                server.shutdown()
+                return
+            self.server = server
+        server.start()
+        log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.retry_every):
+            try:
+                self._bind()
+                return
+            except OSError:
+                continue
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop.set()
+            server = self.server
+        if server is not None:
+            server.shutdown()

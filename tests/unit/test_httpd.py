@@ -154,8 +154,9 @@ def test_a_client_that_never_reads_gives_its_worker_back(server: BoundedHTTPServ
 
 
 def test_metrics_serve_answers_health_and_readiness() -> None:
-    srv = serve(("127.0.0.1", 0), Metrics(CollectorRegistry()), lambda: Probe(True, "alive"),
-                lambda: Probe(False, "rules not in sync"))
+    ep = serve(("127.0.0.1", 0), Metrics(CollectorRegistry()), lambda: Probe(True, "alive"),
+               lambda: Probe(False, "rules not in sync"))
+    srv = ep.server
     assert srv is not None
     try:
         assert request(srv, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\nalive\n")
@@ -164,7 +165,27 @@ def test_metrics_serve_answers_health_and_readiness() -> None:
         body = request(srv, b"GET /metrics HTTP/1.1\r\n\r\n")
         assert b'dnsguard_sync_errors_total{reason="lock_held"} 0.0' in body
     finally:
-        srv.shutdown()
+        ep.shutdown()
+
+
+def test_an_address_in_use_is_logged_and_taken_once_free(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rollout: the previous agent still holds the port; the new one serves once it goes."""
+    old = BoundedHTTPServer(("127.0.0.1", 0), routes)
+    old.start()
+    ok = Probe(True, "new agent")
+    ep = serve(old.server_address, Metrics(CollectorRegistry()), lambda: ok, lambda: ok,
+               retry_every=0.05)
+    try:
+        assert ep.server is None
+        assert "--metrics-address 127.0.0.1:" in caplog.text
+        assert request(old, b"GET /ok HTTP/1.1\r\n\r\n").endswith(b"ok\n")
+        old.shutdown()
+        wait_for(lambda: ep.server is not None)
+        assert ep.server is not None
+        assert request(ep.server, b"GET /healthz HTTP/1.1\r\n\r\n").endswith(b"new agent\n")
+    finally:
+        ep.shutdown()
 
 
 def test_a_port_in_use_is_an_error_at_construction() -> None:
@@ -174,11 +195,3 @@ def test_a_port_in_use_is_an_error_at_construction() -> None:
             BoundedHTTPServer(s.server_address, routes)
     finally:
         s.shutdown()
-
-
-def test_metrics_serve_logs_an_address_in_use_and_returns_none(
-        server: BoundedHTTPServer, caplog: pytest.LogCaptureFixture) -> None:
-    ok = Probe(True, "")
-    assert serve(server.server_address, Metrics(CollectorRegistry()), lambda: ok,
-                 lambda: ok) is None
-    assert "--metrics-address 127.0.0.1:" in caplog.text
