@@ -9,6 +9,7 @@ test, so only loopback, the listen address and the pod CIDR given are allowed.
 from __future__ import annotations
 
 import ipaddress
+import os
 import pwd
 import re
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import nodelocal_args, stop_agent, wait_for
+from dnsguard_helpers import fake_api, nodelocal_args, stop_agent, wait_for
 
 import dnsguard.plan.cache as cache_plan
 from dnsguard.model import Family
@@ -181,5 +182,62 @@ def test_the_cache_drops_to_its_user_and_still_reloads_and_stops(lab: Lab) -> No
             if agent.poll() is None:
                 agent.kill()
                 agent.wait()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("user", ["unbound", "root"])
+def test_a_new_cluster_ip_is_answered_after_the_change(lab: Lab, tmp_path: Path,
+                                                       user: str) -> None:
+    """The DNS Service gets a new ClusterIP: unbound must listen there, not just say 'ok'.
+
+    A reload keeps unbound's sockets and never binds the new address (an unprivileged unbound
+    could not); the agent restarts it instead. ``root``: a state dir under pytest's private
+    tmp, where the agent keeps unbound's user (the fallback) - the same must hold.
+    """
+    base = Path(tempfile.mkdtemp(prefix="dnsguard-cip-", dir="/tmp"))
+    base.chmod(0o755 if user == "unbound" else 0o700)
+    try:
+        kubeconfig = base / "kubeconfig"
+        with fake_api(lab, kubeconfig) as call:
+            call("put_service", "kube-system", "kube-dns", ["198.18.1.10"])
+            call("put_endpoint_slice", "kube-system", "kube-dns-a", service="kube-dns",
+                 endpoints=[str(dns_pod_ip(0))])
+            call("put_node", "node-a", ["198.18.0.0/24"])
+            resolv = base / "node-resolv.conf"
+            resolv.write_text(f"nameserver {dns_pod_ip(0)}\n")
+            args = ["--mitigation", "nodelocal", "--kubeconfig", str(kubeconfig),
+                    "--node-name", "node-a", "--state-dir", str(base / "state"),
+                    "--node-resolv-conf", str(resolv), "--sync-interval", "1",
+                    "--metrics-address", "off"]
+            env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+            log = base / "agent.log"
+            with log.open("w") as out:
+                agent = lab.popen_in(lab.node_netns, [
+                    "setpriv", "--no-new-privs", "--inh-caps", "-all",
+                    "--bounding-set", f"-all,+{POD_CAPS.replace(',', ',+')}",
+                    "--", sys.executable, "-m", "dnsguard", "run", *args],
+                    stdout=out, stderr=subprocess.STDOUT, env=env)
+            try:
+                name = service_fqdn(1)
+                # (198.18.1.10 also answers through kube-proxy: wait for the cache itself)
+                wait_for(lambda: "intercepting DNS to 169.254.20.10, 198.18.1.10" in
+                         log.read_text(), 30)
+                assert dig_status(lab, 0, "198.18.1.10", name) == "NOERROR"
+                call("put_service", "kube-system", "kube-dns", ["198.18.1.11"])
+                wait_for(lambda: dig_status(lab, 0, "198.18.1.11", name) == "NOERROR", 30)
+                assert dig_status(lab, 0, "169.254.20.10", name) == "NOERROR"
+                pids = re.findall(r"started unbound, pid (\d+)", log.read_text())
+                assert len(pids) == 2, log.read_text()  # restarted, not reloaded
+                uid = status_field(int(pids[-1]), "Uid").split()[0]
+                want = str(pwd.getpwnam("unbound").pw_uid) if user == "unbound" else "0"
+                assert uid == want
+                assert ("keeps running as the agent's user" in log.read_text()) == \
+                    (user == "root")
+                assert stop_agent(agent) == 0
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.wait()
     finally:
         shutil.rmtree(base, ignore_errors=True)
