@@ -66,6 +66,22 @@ def test_listen_address_changes_restart_unbound_other_changes_reload(
     assert (tmp_path / "control.log").read_text().count("reload") == 1
 
 
+def test_a_restart_does_not_report_the_old_process_as_a_crash(ub: Unbound) -> None:
+    exits: list[int | None] = []
+    ub.on_exit = lambda: exits.append(ub.pid)
+    ub.write_config(CONF.format(addr="198.18.1.10"))
+    ub.start()
+    old = ub.proc
+    assert old is not None
+    ub.write_config(CONF.format(addr="198.18.1.11"))
+    ub.reload()
+    assert ub.proc is not old and ub.running()
+    # the old process's exit watcher waking only now, after the new one started (a race the
+    # scheduler decides): it must not report a crash, which would fail the cache open
+    ub._watch(old)
+    assert exits == []
+
+
 def test_the_user_is_dropped_to_only_where_it_can_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ub = Unbound(tmp_path / "state", binary=fake_unbound(tmp_path))

@@ -155,7 +155,8 @@ class Unbound:
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
-        if self.on_exit is not None and not self._stopping:
+        # only for the current process: after a restart the old one's exit is expected
+        if self.on_exit is not None and not self._stopping and self.proc is proc:
             self.on_exit()
 
     def exit_reason(self) -> str:
