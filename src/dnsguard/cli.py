@@ -53,7 +53,7 @@ _IPVS_KUBELET_NOTE = (
     "kubelet's clusterDNS (--cluster-dns / KubeletConfiguration clusterDNS) at it, and pods "
     "fall back to the ClusterIP through dnsguard's DNAT while the cache is down")
 #: where `status --watch` finds the agent when --metrics-address is not given
-WATCH_ADDRESS = ("127.0.0.1", 9253)
+WATCH_ADDRESS = ("127.0.0.1", 9254)
 #: a self-probe lookup that takes longer has failed; the histogram's last bucket
 SELF_PROBE_TIMEOUT = 5.0
 #: how long `run` waits for the API's first facts before giving up
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
             sp.add_argument("--watch", action="store_true",
                             help="live view from the running agent's /metrics, every second "
-                                 "(--metrics-address; default 127.0.0.1:9253)")
+                                 "(--metrics-address; default 127.0.0.1:9254)")
     cli_diag.add_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return p
 

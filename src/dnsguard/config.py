@@ -95,12 +95,16 @@ class Settings:
     serve_stale: float = 300.0
     #: log every answer of the cache (client, name, type, rcode) to its log in the state dir
     log_queries: bool = False
+    #: queries per second one client address may send to the cache; 0: unlimited
+    cache_client_qps: int = 10000
     # Kubernetes API: facts the flags do not give
     kubeconfig: Path | None = None
     dns_services: tuple[tuple[str, str], ...] = (("kube-system", "kube-dns"),)
     node_name: str | None = None
     # reporting
-    metrics_address: tuple[str, int] | None = None
+    #: loopback by default, like kube-proxy's metrics (127.0.0.1:10249); 9254, not 9253, which
+    #: node-local-dns's CoreDNS serves on every node address (see deploy/README.md)
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 9254)
     probe_interval: float = 0.0
 
 
@@ -140,8 +144,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     kube.add_argument("--node-name", metavar="NAME",
                       help="this node, for its pod CIDRs (default $NODE_NAME)")
     report = parser.add_argument_group("reporting (dnsguard run)")
-    report.add_argument("--metrics-address", metavar="HOST:PORT",
-                        help="serve /metrics, /healthz and /readyz here (default: off)")
+    report.add_argument("--metrics-address", metavar="HOST:PORT|off",
+                        help="serve /metrics, /healthz and /readyz here (default "
+                             "127.0.0.1:9254; the DaemonSet uses 0.0.0.0:9254)")
     report.add_argument("--probe-interval", metavar="SECONDS",
                         help="self-probe the cluster DNS this often for the latency histogram "
                              "(default 0: off)")
@@ -163,6 +168,9 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--log-queries", action="store_true", default=None,
                        help="log every answer of the cache (client, name, type, rcode) to "
                             "unbound.log in --state-dir; `dnsguard cache-log` toggles it live")
+    cache.add_argument("--cache-client-qps", metavar="QPS",
+                       help="queries per second one client address may send to the cache "
+                            "(unbound ip-ratelimit; default 10000, 0: unlimited)")
     cache.add_argument("--drain-seconds", metavar="SECONDS",
                        help="on SIGTERM, how long the cache keeps answering after interception "
                             "is withdrawn (default 2)")
@@ -459,6 +467,12 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["node_resolv_conf"] = Path(str(raw))
     if (raw := _raw(ns, env, "--unbound")) is not None:
         kwargs["unbound"] = str(raw)
+    if (raw := _raw(ns, env, "--cache-client-qps")) is not None:
+        qps = str(raw)
+        if not (qps.isascii() and qps.isdigit()) or int(qps) > 1_000_000:
+            raise ConfigError(f"invalid --cache-client-qps {qps!r}: expected a whole number "
+                              "of queries per second, 0 to 1000000 (0: unlimited)")
+        kwargs["cache_client_qps"] = int(qps)
     if (raw := _raw(ns, env, "--drain-seconds")) is not None:
         kwargs["drain_seconds"] = _seconds("--drain-seconds", str(raw), 0.0)
     zones: dict[str, ForwardZone] = {}
@@ -484,8 +498,9 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["dns_services"] = _dedup([_service("--dns-service", v) for v in svcs])
     if node := (_raw(ns, env, "--node-name") or env.get("NODE_NAME")):
         kwargs["node_name"] = str(node)
-    if (raw := _raw(ns, env, "--metrics-address")) is not None and str(raw):
-        kwargs["metrics_address"] = _hostport("--metrics-address", str(raw))
+    if (raw := _raw(ns, env, "--metrics-address")) is not None:
+        kwargs["metrics_address"] = None if str(raw) in ("", "off") else \
+            _hostport("--metrics-address", str(raw))
     if (raw := _raw(ns, env, "--probe-interval")) is not None:
         kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:

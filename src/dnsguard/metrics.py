@@ -13,7 +13,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,14 +21,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dnsguard.cache.stats import CacheStats, CacheStatsCollector
+from dnsguard.httpd import BoundedHTTPServer, Limits, Response
 from dnsguard.netfilter.runner import Runner
-from dnsguard.node.conntrack import read_conntrack
+from dnsguard.node.conntrack import CachedConntrack
 from dnsguard.plan.external import SKIP_REASONS, Skipped
 
 if TYPE_CHECKING:
     from dnsguard.agent import Agent
 
-__all__ = ["SYNC_ERROR_REASONS", "Metrics", "SkipReport", "serve"]
+__all__ = ["SYNC_ERROR_REASONS", "Endpoint", "Metrics", "SkipReport", "serve"]
 
 log = logging.getLogger("dnsguard.metrics")
 
@@ -109,7 +109,10 @@ class SkipReport:
 
 class _StateCollector(Collector):
     def __init__(self, agent: Agent, runner: Runner, proc_root: Path) -> None:
-        self.agent, self.runner, self.proc_root = agent, runner, proc_root
+        self.agent = agent
+        #: where the proc file is missing a reading forks ``conntrack -S``: once per max_age,
+        #: however often (or however many at once) /metrics is asked for
+        self.conntrack = CachedConntrack(runner, proc_root)
 
     def collect(self) -> Iterator[Metric]:
         st = self.agent.state
@@ -142,7 +145,7 @@ class _StateCollector(Collector):
 
     def _conntrack(self) -> Iterator[Metric]:
         try:
-            ct = read_conntrack(self.runner, self.proc_root)
+            ct = self.conntrack.read()
         except Exception as exc:  # never fail a scrape over a counter we could not read
             log.debug("conntrack statistics unavailable: %s", exc)
             return
@@ -177,31 +180,71 @@ class Probe:
 
 
 def serve(address: tuple[str, int], metrics: Metrics, healthy: Callable[[], Probe],
-          ready: Callable[[], Probe]) -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz on a daemon thread; returns the server."""
+          ready: Callable[[], Probe], *, limits: Limits | None = None,
+          retry_every: float = 1.0) -> Endpoint:
+    """Serve /metrics, /healthz and /readyz on daemon threads; `Endpoint.shutdown` stops.
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                self._send(200, metrics.exposition(), "text/plain; version=0.0.4")
-            elif self.path in ("/healthz", "/readyz"):
-                p = healthy() if self.path == "/healthz" else ready()
-                self._send(200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain")
-            else:
-                self._send(404, b"not found\n", "text/plain")
+    The server bounds threads, memory and time per client (see `dnsguard.httpd`): the port is
+    on the node's network, reachable by anything that can reach the node. An address in use
+    (the previous agent on this node still draining during a rollout, or another program) is
+    logged and retried every ``retry_every`` seconds while the agent runs on: the DNS
+    mitigation must not depend on a metrics port, and the probes answer as soon as it is free.
+    """
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def handle(path: str) -> Response:
+        if path == "/metrics":
+            return 200, metrics.exposition(), "text/plain; version=0.0.4"
+        if path in ("/healthz", "/readyz"):
+            p = healthy() if path == "/healthz" else ready()
+            return 200 if p.ok else 503, (p.detail + "\n").encode(), "text/plain"
+        return 404, b"not found\n", "text/plain"
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # scrapes every few seconds would drown the agent's own log
+    endpoint = Endpoint(address, handle, limits, retry_every)
+    endpoint.start()
+    return endpoint
 
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-    log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
-    return server
+
+class Endpoint:
+    """The server once its address could be bound (`server`, None until then)."""
+
+    def __init__(self, address: tuple[str, int], handle: Callable[[str], Response],
+                 limits: Limits | None, retry_every: float) -> None:
+        self.address, self.handle, self.limits = address, handle, limits
+        self.retry_every = retry_every
+        self.server: BoundedHTTPServer | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            self._bind()
+        except OSError as exc:
+            log.error("not serving /metrics, /healthz, /readyz yet: --metrics-address %s:%d: "
+                      "%s; retrying every %gs", self.address[0], self.address[1], exc,
+                      self.retry_every)
+            threading.Thread(target=self._retry, daemon=True, name="metrics-bind").start()
+
+    def _bind(self) -> None:
+        server = BoundedHTTPServer(self.address, self.handle, self.limits)
+        with self._lock:
+            if self._stop.is_set():
+                server.shutdown()
+                return
+            self.server = server
+        server.start()
+        log.info("serving /metrics, /healthz, /readyz on %s:%d", *server.server_address[:2])
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.retry_every):
+            try:
+                self._bind()
+                return
+            except OSError:
+                continue
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop.set()
+            server = self.server
+        if server is not None:
+            server.shutdown()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,5 +85,65 @@ def test_metrics_and_health_follow_the_node(lab: Lab, tmp_path: Path) -> None:
                  timeout=10)
         wait_for(lambda: get(lab, "/readyz")[0] == 200, timeout=10)
         assert "cache intercepting" in get(lab, "/readyz")[1]
+    finally:
+        assert stop_agent(agent) == 0
+
+
+def _threads_and_rss(pid: int) -> tuple[int, int]:
+    """(threads, RSS in KiB) of ``pid`` from /proc."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0])
+
+
+def test_a_flood_of_idle_and_slow_connections_cannot_starve_the_probes(
+        lab: Lab, tmp_path: Path) -> None:
+    """500 idle and 100 slow-loris connections (reopened as fast as the server closes them):
+    the real agent's thread count and RSS stay bounded and every normal scrape answers.
+
+    Before the bounded server, each connection held a thread for as long as it stayed open.
+    """
+    args = [*nodelocal_args(lab, tmp_path / "state"), "--metrics-address", "127.0.0.1:9253"]
+    agent = start_agent(lab, args, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: get(lab, "/readyz")[0] == 200, timeout=20)
+        get(lab, "/metrics")
+        base_threads, base_rss = _threads_and_rss(agent.pid)
+        samples: list[tuple[int, int]] = []
+        flood = lab.popen_in(lab.node_netns, [
+            sys.executable, str(Path(__file__).with_name("slowloris.py")), "127.0.0.1", "9253",
+            "500", "100", "15", "5"], stdout=subprocess.PIPE)
+        assert flood.stdout is not None
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                samples.append(_threads_and_rss(agent.pid))
+
+        sampler = threading.Thread(target=sample)
+        assert flood.stdout.readline().strip() == "flooding"
+        sampler.start()
+        try:
+            report = json.loads(flood.stdout.readline())
+            assert flood.wait(timeout=30) == 0
+        finally:
+            done.set()
+            sampler.join()
+            flood.stdout.close()
+        scrapes = report["scrapes"]
+        failed = [s for s in scrapes if s["code"] != 200]
+        worst = max(s["seconds"] for s in scrapes)
+        most_threads = max(t for t, _ in samples)
+        most_rss = max(r for _, r in samples)
+        print(f"flood: {len(scrapes)} scrapes, slowest {worst:.3f}s; threads {base_threads} -> "
+              f"max {most_threads}; RSS {base_rss} KiB -> max {most_rss} KiB; "
+              f"{report['closed_by_server']} connections closed by the server, "
+              f"{report['refused']} refused, {report['most_open']} open at most")
+        assert len(scrapes) >= 10 and not failed, failed
+        # the loop and at most 4 answering workers: never a thread per connection
+        assert most_threads <= base_threads + 4
+        assert most_rss - base_rss < 16 * 1024
+        # the flood was real: the server had to close its connections, again and again
+        assert report["closed_by_server"] > 600
+        assert get(lab, "/healthz")[0] == 200
     finally:
         assert stop_agent(agent) == 0

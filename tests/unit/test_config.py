@@ -142,3 +142,22 @@ def test_bad_cache_values_give_one_line_naming_flag_and_value(argv, env, needle)
         parse(argv, env)
     assert needle in str(exc.value)
     assert "\n" not in str(exc.value)
+def test_metrics_address_is_loopback_by_default_and_can_be_turned_off() -> None:
+    assert parse([]).metrics_address == ("127.0.0.1", 9254)
+    assert parse(["--metrics-address", "0.0.0.0:9254"]).metrics_address == ("0.0.0.0", 9254)
+    assert parse(["--metrics-address", "[::1]:9254"]).metrics_address == ("::1", 9254)
+    assert parse(["--metrics-address", "off"]).metrics_address is None
+    assert parse([], {"DNSGUARD_METRICS_ADDRESS": ""}).metrics_address is None
+    with pytest.raises(ConfigError, match="invalid --metrics-address 'somehost:1'"):
+        parse(["--metrics-address", "somehost:1"])
+
+
+@pytest.mark.parametrize("raw", ["-1", "1.5", "²", "1000001", "many"])
+def test_cache_client_qps_is_a_whole_number(raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"invalid --cache-client-qps '{raw}'"):
+        parse(["--cache-client-qps", raw])
+
+
+def test_cache_client_qps_defaults_to_a_generous_limit() -> None:
+    assert parse([]).cache_client_qps == 10000
+    assert parse([], {"DNSGUARD_CACHE_CLIENT_QPS": "0"}).cache_client_qps == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dnsguard.node.conntrack import (
+    CachedConntrack,
     kernel_release,
     parse_conntrack_count,
     parse_conntrack_s,
@@ -156,6 +157,26 @@ def test_falls_back_to_ctnetlink_when_the_proc_file_is_absent(tmp_path: Path) ->
     assert stats.get("insert_failed") == 1
     assert stats.entries == 77
     assert stats.max == 4096
+
+
+def test_scrapes_fork_conntrack_once_per_max_age(tmp_path: Path) -> None:
+    """Where the proc file is missing, a flood of /metrics requests must not fork per request."""
+    runner = FakeRunner()
+    runner.add(["conntrack", "-S"], CONNTRACK_S_6X)
+    runner.add(["conntrack", "-C"], "77\n")
+    now = [100.0]
+    cached = CachedConntrack(runner, _proc(tmp_path, None, count=None), max_age=10.0,
+                             clock=lambda: now[0])
+    first = cached.read()
+    for _ in range(50):
+        now[0] += 0.1
+        assert cached.read() is first
+    assert [argv for argv, _ in runner.calls] == [("conntrack", "-S"), ("conntrack", "-C")]
+    now[0] = 110.0  # 10 s after the first reading: read again
+    runner.add(["conntrack", "-C"], "78\n")
+    fresh = cached.read()
+    assert fresh is not None and fresh.entries == 78
+    assert len(runner.calls) == 4
 
 
 def test_nothing_readable_means_no_stats(tmp_path: Path) -> None:

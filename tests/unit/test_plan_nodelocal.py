@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 from pathlib import Path
 
@@ -230,3 +231,24 @@ def test_cli_refuses_with_one_line_and_exit_2(tmp_path: Path, capsys, extra: lis
     assert main(argv, runner=FakeRunner()) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if " INFO " not in ln]
     assert len(errors) == 1 and errors[0].startswith(needle), errors
+def test_the_cache_answers_pods_the_node_and_private_space_only() -> None:
+    pods = ipaddress.ip_network("203.0.113.0/24")  # a pod range in global space
+    p = plan(facts(ProxyMode.IPTABLES, pod_cidrs=(pods,)),
+             nl(ProxyMode.IPTABLES, cache_client_qps=500))
+    assert p.cache is not None and p.cache.pod_cidrs == (pods,)
+    text = render_unbound(p.cache, Path("/run/dnsguard"))
+    acl = re.findall(r"^    access-control: (\S+) (\w+)$", text, re.M)
+    assert acl[:2] == [("0.0.0.0/0", "refuse"), ("::/0", "refuse")]
+    allowed = {net for net, verdict in acl if verdict == "allow"}
+    assert {"127.0.0.0/8", "::1/128", "169.254.20.10/32", f"{CIP}/32", str(pods),
+            "10.0.0.0/8", "fc00::/7"} <= allowed
+    assert not any(ipaddress.ip_network(n).overlaps(ipaddress.ip_network("8.8.8.0/24"))
+                   for n in allowed)  # global space outside the pod CIDRs stays refused
+    assert len(acl) == len(set(acl))
+    assert "    ip-ratelimit: 500\n" in text
+
+
+def test_a_client_rate_limit_of_zero_renders_no_limit() -> None:
+    p = plan(facts(ProxyMode.IPTABLES), nl(ProxyMode.IPTABLES, cache_client_qps=0))
+    assert p.cache is not None
+    assert "ip-ratelimit" not in render_unbound(p.cache, Path("/run/dnsguard"))

@@ -16,13 +16,34 @@ The log is capped (`LOG_CAP`; it sits in a small emptyDir in the pod): a thread 
 watcher checks it every `LOG_CHECK_SECONDS` and moves its tail to ``unbound.log.1``. unbound
 writes through the O_APPEND descriptor it inherited from us, so after the file is truncated its
 next line lands at offset 0: no hole, no restart, no signal to unbound.
+
+Privileges: unbound parses every pod's packets, so it must not keep root. It starts as root
+(binding port 53 and forcing its 8 MiB socket buffers need NET_BIND_SERVICE and NET_ADMIN),
+then switches to the ``unbound`` user with no capabilities (``username:`` in its config).
+What that changes, each checked with the real unbound (tests/integration/test_cache_hardening):
+
+* ``reload`` and ``reload_keep_cache`` keep the listening sockets, so they still work; but a
+  *new* listen address cannot be bound any more (unbound reports success and simply does not
+  listen there). A config whose ``interface:`` lines changed is therefore applied by a restart.
+* The agent, root without CAP_KILL, may not signal a process of another uid: the pod grants
+  KILL for that; without it `stop` asks unbound to stop through its control socket.
+* The kernel clears the parent-death signal when unbound changes its uid. In the pod the agent
+  is PID 1 of the container, and the kernel kills every other process when it dies; outside a
+  pod, an agent killed with SIGKILL leaves its unbound running (a clean stop never does).
+* unbound re-reads its config as that user on reload, and changes into the state directory:
+  every directory up to the state directory must be searchable by others. Where it is not (or
+  the user is missing, or the agent is not root) unbound keeps the agent's user, with a
+  warning, rather than failing to start: DNS first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
+import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -30,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dnsguard.netfilter.errors import NetfilterError
+from dnsguard.plan.cache import CACHE_USER
 
 __all__ = ["CacheError", "Unbound"]
 
@@ -59,6 +81,28 @@ def _cache_shape(text: str) -> tuple[str, ...]:
                         if ln.strip().startswith(_CACHE_SHAPE)))
 
 
+_INTERFACES = re.compile(r"^\s*interface:.*$", re.M)
+_USERNAME = re.compile(r'^(\s*username: )"[^"\n]*"$', re.M)
+
+
+def privilege_drop_blocker(state_dir: Path, user: str = CACHE_USER) -> str | None:
+    """Why unbound could not run as ``user`` with its files in ``state_dir``; None if it can."""
+    if os.geteuid() != 0:
+        return "the agent is not root"
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return f"no user {user!r} (install Debian's unbound package)"
+    for d in [state_dir.resolve(), *state_dir.resolve().parents]:
+        try:
+            mode = d.stat().st_mode
+        except OSError:
+            continue  # created later by the agent, with the default (searchable) mode
+        if not mode & stat.S_IXOTH:
+            return f"{d} is not searchable by others (mode {stat.S_IMODE(mode):o})"
+    return None
+
+
 class Unbound:
     def __init__(self, state_dir: Path, binary: str = "unbound") -> None:
         self.state_dir = state_dir
@@ -73,6 +117,9 @@ class Unbound:
         self._stopping = False
         #: the cache shape of the config the running process last loaded
         self._loaded_shape: tuple[str, ...] | None = None
+        #: set by `write_config` when the listen addresses changed: a reload cannot bind them
+        self.restart_needed = False
+        self._warned_root = False
 
     @property
     def pid(self) -> int | None:
@@ -88,7 +135,9 @@ class Unbound:
     def write_config(self, text: str) -> bool:
         """Validate and atomically install ``text``; True when it differs from the current file."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.conf.exists() and self.conf.read_text() == text:
+        text = self._with_runnable_user(text)
+        old = self.conf.read_text() if self.conf.exists() else None
+        if old == text:
             return False
         tmp = self.conf.with_name(f".{self.conf.name}.{os.getpid()}")
         tmp.write_text(text)
@@ -102,13 +151,26 @@ class Unbound:
             tmp.unlink()
             raise CacheError(f"unbound rejected its config: {(res.stderr or res.stdout).strip()}")
         tmp.replace(self.conf)
+        if old is not None and _INTERFACES.findall(old) != _INTERFACES.findall(text):
+            self.restart_needed = True
         return True
+
+    def _with_runnable_user(self, text: str) -> str:
+        """``text``, with ``username: ""`` instead where unbound could not drop to its user."""
+        if (why := privilege_drop_blocker(self.state_dir)) is None:
+            return text
+        if not self._warned_root:
+            log.warning("unbound keeps running as the agent's user: %s", why)
+            self._warned_root = True
+        return _USERNAME.sub(r'\1""', text)
 
     def start(self) -> None:
         if self.running():
             return
         if shutil.which(self.binary) is None:
             raise CacheError(f"{self.binary} not found: install unbound")
+        self._stopping = False
+        self.restart_needed = False
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self._cap_log_quietly()  # an earlier run's log
         self._loaded_shape = _cache_shape(self.conf.read_text()) if self.conf.exists() else None
@@ -129,7 +191,8 @@ class Unbound:
     def _watch(self, proc: subprocess.Popen[bytes], exited: threading.Event) -> None:
         proc.wait()
         exited.set()
-        if self.on_exit is not None and not self._stopping:
+        # only for the current process: after a restart the old one's exit is expected
+        if self.on_exit is not None and not self._stopping and self.proc is proc:
             self.on_exit()
 
     def _cap_log_loop(self, exited: threading.Event) -> None:
@@ -180,6 +243,12 @@ class Unbound:
 
         Returns how: ``"kept the cache"`` or ``"full reload (...)"`` with the reason.
         """
+        if self.restart_needed and self.running():
+            log.info("unbound's listen addresses changed: restarting it (it binds as root only "
+                     "at start)")
+            self.stop()
+            self.start()
+            return "restarted (listen addresses changed)"
         shape = _cache_shape(self.conf.read_text())
         why = ""
         if self._loaded_shape is not None and shape != self._loaded_shape:
@@ -208,11 +277,25 @@ class Unbound:
             return
         self._stopping = True
         if self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                self.proc.terminate()
+            except PermissionError:  # no CAP_KILL for unbound's uid: ask it over its socket
+                self._control_stop()
             deadline = time.monotonic() + timeout
             while self.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.proc.poll() is None:
-                self.proc.kill()
+                try:
+                    self.proc.kill()
+                except PermissionError:
+                    log.error("cannot kill unbound (pid %d, another uid): the pod needs the "
+                              "KILL capability", self.proc.pid)
+                    self.proc = None
+                    return
                 self.proc.wait()
         self.proc = None
+
+    def _control_stop(self) -> None:
+        res = self._control("stop")
+        if res.returncode != 0:
+            log.warning("unbound-control stop failed: %s", (res.stderr or res.stdout).strip())

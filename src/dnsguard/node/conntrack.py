@@ -28,7 +28,9 @@ both sources produce the same keys and metrics can label by them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from dnsguard.netfilter.errors import NetfilterError
 from dnsguard.netfilter.runner import Runner
 
 __all__ = [
+    "CachedConntrack",
     "ConntrackStats",
     "kernel_release",
     "parse_conntrack_count",
@@ -168,3 +171,29 @@ def read_conntrack(runner: Runner, proc_root: Path = Path("/proc")) -> Conntrack
         return None
     return ConntrackStats(source=source or "none", counters=counters, entries=count,
                           max=limit, buckets=buckets)
+
+
+class CachedConntrack:
+    """`read_conntrack` at most once per ``max_age`` seconds, for metrics scrapes.
+
+    Where the proc file is missing a reading forks ``conntrack -S`` (and maybe ``-C``), and
+    /metrics is reachable by anyone who can reach the node: without a cache, every request
+    would fork. Concurrent callers wait for the one reading in progress instead of forking
+    their own. A reading of "no conntrack here" (None) is cached like any other. The counters
+    are at most ``max_age`` old, well inside any scrape interval a rate() is computed over.
+    """
+
+    def __init__(self, runner: Runner, proc_root: Path = Path("/proc"), max_age: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.runner, self.proc_root, self.max_age, self.clock = runner, proc_root, max_age, clock
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._value: ConntrackStats | None = None
+
+    def read(self) -> ConntrackStats | None:
+        with self._lock:
+            now = self.clock()
+            if self._at is None or now - self._at >= self.max_age:
+                self._value = read_conntrack(self.runner, self.proc_root)
+                self._at = self.clock()
+            return self._value

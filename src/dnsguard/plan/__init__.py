@@ -269,6 +269,8 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
         cache_max_ttl=int(settings.cache_max_ttl),
         cache_negative_ttl=int(settings.cache_negative_ttl),
         serve_stale=int(settings.serve_stale),
+        pod_cidrs=facts.pod_cidrs,
+        client_qps=settings.cache_client_qps,
     )
     return Plan(tuple(rulesets), cache=spec)
 

@@ -8,13 +8,18 @@ comparing files, and reload unbound only when something really changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import ip_network
 from pathlib import Path
 
 from dnsguard.config import ForwardZone
-from dnsguard.model import IPAddress
+from dnsguard.model import IPAddress, IPNetwork
 from dnsguard.plan import checks
 
-__all__ = ["HEALTH_NAME", "UNBOUND_DEFAULT_ZONES", "CacheSpec", "render_unbound"]
+__all__ = ["CACHE_USER", "CLUSTER_PRIVATE", "HEALTH_NAME", "UNBOUND_DEFAULT_ZONES", "CacheSpec",
+           "access_control", "render_unbound"]
+
+#: The user unbound drops to after binding; Debian's unbound package creates it.
+CACHE_USER = "unbound"
 
 #: Answered by the cache itself from local data; the agent asks it every health tick.
 HEALTH_NAME = "health.dnsguard.invalid."
@@ -41,6 +46,10 @@ class CacheSpec:
     cache_negative_ttl: int = 5
     #: serve-expired-ttl in seconds; 0 turns serve-expired off
     serve_stale: int = 300
+    #: this node's pod ranges (--pod-cidr or the Node's spec.podCIDRs): clients the cache answers
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    #: queries per second one client address may send (unbound ip-ratelimit); 0: no limit
+    client_qps: int = 0
 
 
 #: Zones unbound answers from its own defaults (RFC 6761/6762/7686/8375) unless told
@@ -49,6 +58,33 @@ class CacheSpec:
 #: forward them too to answer as the cluster DNS does. localhost and the loopback reverse zones
 #: keep unbound's local answers: every resolver gives those the same.
 UNBOUND_DEFAULT_ZONES = ("home.arpa.", "invalid.", "onion.", "test.")
+
+
+#: Non-global ranges answered besides the pod CIDRs: private (RFC 1918), shared (RFC 6598, used
+#: by some CNIs and cloud VPCs), benchmarking (RFC 2544), link-local, IPv6 ULA and link-local.
+#: Why: the Node's spec.podCIDRs is not where every CNI takes pod IPs from (Calico IPAM blocks,
+#: Cilium cluster-pool, cloud VPC CNIs), and a refused pod has no fallback: a REFUSED answer is
+#: an answer. What stays refused is global address space outside the pod CIDRs: the cache
+#: cannot be used as an open resolver by anything that can route a packet to this node.
+CLUSTER_PRIVATE: tuple[IPNetwork, ...] = tuple(ip_network(n) for n in (
+    "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16",
+    "198.18.0.0/15", "fc00::/7", "fe80::/10"))
+
+
+def access_control(spec: CacheSpec) -> list[str]:
+    """unbound ``access-control`` lines: who the cache answers, everyone else REFUSED.
+
+    Allowed: loopback (the agent's health query), the listen addresses themselves (the node's
+    own queries to a local address leave with that address as their source), the pod CIDRs
+    and `CLUSTER_PRIVATE`. The most specific entry wins in unbound, so the catch-all refuse
+    lines go first only for reading. REFUSED, not a silent drop: a misconfigured client gets
+    an answer at once instead of a 5 s timeout, and the answer is no larger than the query.
+    """
+    allowed = [ip_network("127.0.0.0/8"), ip_network("::1/128"),
+               *(ip_network(ip) for ip in spec.listen), *spec.pod_cidrs, *CLUSTER_PRIVATE]
+    lines = ["    access-control: 0.0.0.0/0 refuse", "    access-control: ::/0 refuse"]
+    lines += [f"    access-control: {net} allow" for net in dict.fromkeys(allowed)]
+    return lines
 
 
 def _addr(ep: Endpoint) -> str:
@@ -74,7 +110,11 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         "    use-syslog: no",
         '    logfile: ""',
         "    do-daemonize: no",
-        '    username: ""',
+        # unbound binds port 53 (and forces its socket buffers) as root, then drops to this
+        # user with no capabilities; the supervisor turns it off where the drop cannot work
+        f'    username: "{CACHE_USER}"',
+        # no chroot: it needs CAP_SYS_CHROOT, which the pod does not have, and the config, the
+        # control socket and the log inside it; the uid and no capabilities are the boundary
         '    chroot: ""',
         f'    directory: "{state_dir}"',
         '    pidfile: ""',
@@ -88,8 +128,10 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         f"    do-ip6: {'yes' if spec.ipv6 else 'no'}",
         "    do-udp: yes",
         "    do-tcp: yes",
-        "    access-control: 0.0.0.0/0 allow",
-        "    access-control: ::/0 allow",
+        *access_control(spec),
+        # one client (a pod in a lookup loop) cannot take the whole cache; 1 in 10 of its
+        # queries over the limit still get through (unbound's ip-ratelimit-factor default)
+        *([f"    ip-ratelimit: {spec.client_qps}"] if spec.client_qps else []),
         "    num-threads: 2",
         # lets the next agent's cache bind beside a draining one during a rolling update
         "    so-reuseport: yes",
