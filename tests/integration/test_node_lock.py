@@ -136,7 +136,8 @@ def test_cleanup_force_removes_everything_dns_answers_and_the_agent_restores_it(
                                       timeout=30)
     except AssertionError:
         took = None
-    print(f"\ncleanup --force beside agent A: interception restored after {took}s")
+    print(f"\ncleanup --force beside agent A: interception restored after "
+          f"{'never' if took is None else f'{took:.2f}s'}")
     samples, failed, slow = _count("cleanup --force beside agent A", timelines)
     assert proc.poll() is None, log.read_text()
     assert any(start > forced_at for start, _, _ in samples)
