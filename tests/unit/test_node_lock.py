@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -57,12 +58,16 @@ def _child(path: Path, *extra: str) -> tuple[subprocess.Popen[str], list[str]]:
 
 
 def test_second_holder_is_refused_until_the_first_releases(path: Path) -> None:
+    path.parent.mkdir()
+    path.write_text("left by an older holder")
+    path.chmod(0o644)
     a, b = NodeLock(path, "run"), NodeLock(path, "cleanup")
     assert a.try_acquire() and a.held
     assert not b.try_acquire() and not b.held
     assert b.holder() == Holder.decode(path.read_bytes())
     holder = b.holder()
     assert holder is not None and (holder.pid, holder.command) == (os.getpid(), "run")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # nobody else can open it to lock it
     a.release()
     assert path.exists(), "the lock file must stay: unlinking it splits the lock in two"
     assert b.try_acquire()

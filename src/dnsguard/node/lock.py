@@ -124,6 +124,7 @@ class NodeLock:
                 break
             os.close(fd)  # the file was replaced between open and flock: lock the new one
         self._fd = fd  # held from here: release() closes it whatever happens next
+        os.fchmod(fd, 0o600)  # a file made by an older holder, or by hand
         os.ftruncate(fd, 0)
         os.pwrite(fd, Holder.me(self.command, self._env).encode(), 0)
         return True
@@ -171,8 +172,10 @@ class NodeLock:
 
     def _open(self) -> int:
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        # O_CLOEXEC (Python's default, spelled out): children must not inherit the lock
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        # O_CLOEXEC (Python's default, spelled out): children must not inherit the lock.
+        # 0600: flock needs only a descriptor, even a read-only one, so a file anyone can open
+        # is a lock anyone on the node can take, keeping every agent waiting.
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
     def _same_inode(self, fd: int) -> bool:
         try:
