@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text)
-        add_fact_flags(sp)
-        if name == "status":
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
         if name in ("apply", "cleanup"):
             sp.add_argument("--force", action="store_true",
                             help="go ahead even while another dnsguard (the agent) holds the "
                                  "node lock; its rules and link are changed under it")
+        add_fact_flags(sp)
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
     cli_diag.add_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return p
 
@@ -92,14 +92,30 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         setup_logging(settings.log_format)
         command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
                    "cleanup": cmd_cleanup, "status": cmd_status, **cli_diag.COMMANDS}[args.command]
-        with _node_lock(args.command, settings) as go_ahead:
-            return command(args, settings, runner) if go_ahead else EXIT_OK
-    except (ConfigError, PlanRefused, LockHeld) as exc:
+        command = _locked(command)
+        return command(args, settings, runner)
+    except (ConfigError, PlanRefused) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (NetfilterError, KubeError) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
+
+
+Command = Callable[[argparse.Namespace, Settings, Runner], int]
+
+
+def _locked(command: Command) -> Command:
+    """``command`` under the node lock (`_node_lock`); a refusal is one line and exit 2."""
+    def locked(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+        try:
+            with _node_lock(args.command, settings) as go_ahead:
+                return command(args, settings, runner) if go_ahead else EXIT_OK
+        except LockHeld as exc:
+            print(f"dnsguard: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return locked
 
 
 @contextlib.contextmanager

@@ -138,6 +138,15 @@ def _items(raw: str | list[str] | None) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _lock_file(flag: str, raw: str) -> Path:
+    """An absolute file path: a relative one would name a different lock from each working
+    directory, and two agents that do not share one lock are exactly what it prevents."""
+    if not raw.startswith("/") or "\0" in raw or raw.endswith("/") or \
+            Path(raw).name in ("", ".", ".."):
+        raise ConfigError(f"invalid {flag} {raw!r}: expected an absolute path to a file")
+    return Path(raw)
+
+
 def _choice(flag: str, raw: str, choices: Sequence[str]) -> str:
     if raw not in choices:
         raise ConfigError(f"invalid {flag} {raw!r}: expected one of {', '.join(choices)}")
@@ -212,15 +221,6 @@ def _domain(flag: str, raw: str) -> str:
                        for lb in labels):
         raise ConfigError(f"invalid {flag} {raw!r}: not a DNS domain name")
     return name
-
-
-def _lock_file(flag: str, raw: str) -> Path:
-    """An absolute file path: a relative one would name a different lock from each working
-    directory, and two agents that do not share one lock are exactly what it prevents."""
-    if not raw.startswith("/") or "\0" in raw or raw.endswith("/") or \
-            Path(raw).name in ("", ".", ".."):
-        raise ConfigError(f"invalid {flag} {raw!r}: expected an absolute path to a file")
-    return Path(raw)
 
 
 def _seconds(flag: str, raw: str, minimum: float) -> float:
