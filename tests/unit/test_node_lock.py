@@ -276,3 +276,23 @@ def test_run_sigterm_while_waiting_exits_0_and_touches_nothing(
     assert len(waiting) == 1 and f"pid {os.getpid()}" in waiting[0].getMessage()
     assert agent.held
     agent.release()
+
+
+@pytest.mark.parametrize("command", ["run", "apply", "cleanup"])
+def test_the_lock_is_held_before_the_command_changes_anything_and_freed_after(
+        command: str, path: Path) -> None:
+    """Ordering: taken before the command's first step, released after its last, even when
+    the command fails (a failed start must not keep the next agent waiting)."""
+    seen: list[bool] = []
+
+    def body(args: object, settings: object, runner: object) -> int:
+        other = NodeLock(path, "x")
+        seen.append(other.try_acquire())
+        other.release()
+        raise RuntimeError("the command failed half-way")
+
+    args = cli.build_parser().parse_args([command, "--lock-file", str(path)])
+    with pytest.raises(RuntimeError):
+        cli._locked(body)(args, settings_from(args, env={}), FakeRunner())
+    assert seen == [False]
+    assert NodeLock(path, "x").try_acquire()
