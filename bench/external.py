@@ -436,7 +436,8 @@ class _AgentRun:
             [sys.executable, "-m", "dnsguard", "run", "--proxy-mode", "ipvs", "--mitigation",
              "none", "--external-to-cluster", "--kubeconfig", str(self.kubeconfig),
              "--node-name", NODE, "--backend", AGENT_BACKEND.value, "--state-dir",
-             str(self.state)], self.agent_log)
+             str(self.state), "--lock-file", str(self.state.parent / "agent.lock")],
+            self.agent_log)
         return t0
 
     def log_text(self) -> str:

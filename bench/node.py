@@ -300,11 +300,13 @@ class PathNode:
         t0 = time.monotonic()
         # the Kubernetes client must reach the fake API on 127.0.0.1, never through a proxy
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        # its own node lock: the default is the machine's /run, shared by every run on it
         with log_path.open("w") as out:
             self.agent = self.lab.popen_in(
                 self.lab.node_netns,
                 [sys.executable, "-m", "dnsguard", "run",
-                 *(self.agent_args if base is None else base), *extra],
+                 *(self.agent_args if base is None else base), *extra,
+                 "--lock-file", str(self.workdir / "agent.lock")],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         self.wait_intercepting(timeout)
         return time.monotonic() - t0

@@ -7,6 +7,7 @@ Exit codes: 0 success (for ``apply`` and ``status``: the kernel holds exactly th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -39,6 +40,7 @@ from dnsguard.netfilter.nft import NftBackend
 from dnsguard.netfilter.runner import Runner
 from dnsguard.node.detect import node_families
 from dnsguard.node.links import remove_link
+from dnsguard.node.lock import Holder, LockHeld, NodeLock
 from dnsguard.node.resolv import nameservers
 from dnsguard.plan import Plan, PlanRefused, plan
 from dnsguard.report import read_status
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text)
+        if name in ("apply", "cleanup"):
+            sp.add_argument("--force", action="store_true",
+                            help="go ahead even while another dnsguard (the agent) holds the "
+                                 "node lock; its rules and link are changed under it")
         add_fact_flags(sp)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,6 +102,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         setup_logging(settings.log_format)
         command = {"plan": cmd_plan, "apply": cmd_apply, "run": cmd_run,
                    "cleanup": cmd_cleanup, "status": cmd_status, **cli_diag.COMMANDS}[args.command]
+        command = _locked(command)
         return command(args, settings, runner)
     except (ConfigError, PlanRefused, KubeConfigError) as exc:
         # a kubeconfig that cannot be used is bad input, like a bad flag: exit 2
@@ -104,6 +111,85 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     except (NetfilterError, KubeError) as exc:
         print(f"dnsguard: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
+
+
+Command = Callable[[argparse.Namespace, Settings, Runner], int]
+
+
+def _locked(command: Command) -> Command:
+    """``command`` under the node lock (`_node_lock`); a refusal is one line and exit 2."""
+    def locked(args: argparse.Namespace, settings: Settings, runner: Runner) -> int:
+        try:
+            with _node_lock(args.command, settings) as go_ahead:
+                return command(args, settings, runner) if go_ahead else EXIT_OK
+        except LockHeld as exc:
+            print(f"dnsguard: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return locked
+
+
+@contextlib.contextmanager
+def _node_lock(command: str, settings: Settings) -> Iterator[bool]:
+    """One dnsguard changing the node at a time (node/lock.py), taken before anything changes.
+
+    ``run`` waits for the lock and holds it until its teardown is done, so in a maxSurge
+    hand-over the new agent starts only after the old one removed what it owned, and the old
+    one's teardown cannot remove what the new one set up. SIGTERM while waiting yields False:
+    exit 0, nothing touched. ``apply`` and ``cleanup`` refuse (`LockHeld`) unless ``--force``.
+    Anything else (plan, status, the diagnostics) only reads and never takes the lock.
+    """
+    if command not in ("run", "apply", "cleanup"):
+        yield True
+        return
+    lock = NodeLock(settings.lock_file, command)
+    try:
+        if command == "run":
+            go_ahead = _wait_for_lock(lock)
+        elif not lock.try_acquire():
+            held = LockHeld(lock.path, lock.holder())
+            if not settings.force:
+                raise held
+            log.warning("--force: going ahead although the node lock %s is held by %s",
+                        lock.path, held.who)
+            go_ahead = True
+        else:
+            go_ahead = True
+    except OSError as exc:
+        lock.release()
+        raise ConfigError(f"invalid --lock-file {str(settings.lock_file)!r}: "
+                          f"{exc.strerror or exc}") from None
+    with lock:
+        yield go_ahead
+
+
+def _wait_for_lock(lock: NodeLock) -> bool:
+    """Wait for the lock; False when SIGTERM/SIGINT came first. The caller installs its own
+    handlers afterwards: until then a signal kills the process, as before the lock existed."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s while waiting for the node lock: exiting, nothing changed",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    def on_wait(holder: Holder | None) -> None:
+        log.info("waiting for the node lock %s, held by %s (one agent per node)", lock.path,
+                 LockHeld(lock.path, holder).who)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        started = time.monotonic()
+        got = lock.wait(stop, on_wait)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if got and stop.is_set():  # the signal raced the lock: honour the signal
+        lock.release()
+        return False
+    if got:
+        log.info("holding the node lock %s (waited %.1fs)", lock.path, time.monotonic() - started)
+    return got
 
 
 def _observe(settings: Settings, runner: Runner) -> Observed:
@@ -352,7 +438,7 @@ def cmd_cleanup(args: argparse.Namespace, settings: Settings, runner: Runner) ->
         removed.append("link dnsguard0")
     for name in STATE_FILES:
         path = settings.state_dir / name
-        if path.exists():
+        if path.exists() and path != settings.lock_file:  # a lock file is never removed
             path.unlink()
             removed.append(str(path))
     print("removed: " + (", ".join(removed) if removed else "nothing (dnsguard owned nothing)"))

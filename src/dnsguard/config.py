@@ -106,6 +106,10 @@ class Settings:
     #: node-local-dns's CoreDNS serves on every node address (see deploy/README.md)
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9254)
     probe_interval: float = 0.0
+    # one agent per node (node/lock.py)
+    lock_file: Path = Path("/run/dnsguard/agent.lock")
+    #: apply/cleanup go ahead while another dnsguard holds the node lock (flag only, no env)
+    force: bool = False
 
 
 def env_name(flag: str) -> str:
@@ -150,6 +154,10 @@ def add_fact_flags(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--probe-interval", metavar="SECONDS",
                         help="self-probe the cluster DNS this often for the latency histogram "
                              "(default 0: off)")
+    parser.add_argument("--lock-file", metavar="PATH",
+                        help="node-wide lock: one agent per node; run waits for it, apply and "
+                             "cleanup refuse while it is held (default /run/dnsguard/agent.lock,"
+                             " on a hostPath in the DaemonSet)")
     cache = parser.add_argument_group("node-local cache (--mitigation nodelocal)")
     cache.add_argument("--local-ip", action="append", metavar="IP",
                        help="address the cache serves on (repeatable; default 169.254.20.10)")
@@ -204,6 +212,15 @@ def _items(raw: str | list[str] | None) -> list[str]:
         return []
     parts = raw if isinstance(raw, list) else raw.split(",")
     return [p.strip() for p in parts if p.strip()]
+
+
+def _lock_file(flag: str, raw: str) -> Path:
+    """An absolute file path: a relative one would name a different lock from each working
+    directory, and two agents that do not share one lock are exactly what it prevents."""
+    if not raw.startswith("/") or "\0" in raw or raw.endswith("/") or \
+            Path(raw).name in ("", ".", ".."):
+        raise ConfigError(f"invalid {flag} {raw!r}: expected an absolute path to a file")
+    return Path(raw)
 
 
 def _choice(flag: str, raw: str, choices: Sequence[str]) -> str:
@@ -505,6 +522,11 @@ def settings_from(ns: argparse.Namespace, env: Mapping[str, str] | None = None) 
         kwargs["probe_interval"] = _seconds("--probe-interval", str(raw), 0.0)
     if (raw := _raw(ns, env, "--log-format")) is not None:
         kwargs["log_format"] = _choice("--log-format", str(raw), ["text", "json"])
+    if (raw := _raw(ns, env, "--lock-file")) is not None:
+        kwargs["lock_file"] = _lock_file("--lock-file", str(raw))
+    # never from the environment: a DNSGUARD_FORCE left in a pod's env would silently let every
+    # `kubectl exec ... dnsguard cleanup` tear the running agent's rules down
+    kwargs["force"] = getattr(ns, "force", None) is True
     for flag in ("--skip-teardown", "--drop-invalid-input", "--external-to-cluster"):
         if (value := _bool(ns, env, flag)) is not None:
             kwargs[flag.lstrip("-").replace("-", "_")] = value

@@ -23,9 +23,31 @@ VARIANTS = {
 }
 
 
+#: the commands that take the node lock (node/lock.py)
+LOCKING = ("run", "apply", "cleanup")
+
+
+def lock_file(lab: Lab) -> Path:
+    """The lab node's lock: shared by every dnsguard on that node, never by two labs.
+
+    The default, /run/dnsguard/agent.lock, is the machine's own /run (network namespaces do
+    not separate files): parallel labs would wait for, or be refused by, each other's agents.
+    """
+    assert lab.workdir is not None, "the lab is not started"
+    return lab.workdir / "agent.lock"
+
+
+def _with_lock(lab: Lab, args: Sequence[str]) -> list[str]:
+    """``args`` with the lab's lock file when the command takes the lock and none was given."""
+    if args and args[0] in LOCKING and "--lock-file" not in args:
+        return [*args, "--lock-file", str(lock_file(lab))]
+    return list(args)
+
+
 def dnsguard(lab: Lab, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """One dnsguard command on the lab's node (its own network namespace)."""
-    return lab.node_run([sys.executable, "-m", "dnsguard", *args], check=False, timeout=timeout)
+    return lab.node_run([sys.executable, "-m", "dnsguard", *_with_lock(lab, args)], check=False,
+                        timeout=timeout)
 
 
 def nodelocal_args(lab: Lab, state: Path, upstreams: Sequence[str] | None = None) -> list[str]:
@@ -35,7 +57,8 @@ def nodelocal_args(lab: Lab, state: Path, upstreams: Sequence[str] | None = None
     # names outside the cluster go to a lab DNS pod, never to the host's resolver
     resolv.write_text(f"nameserver {dns_pod_ip(0)}\n")
     args = ["--mitigation", "nodelocal", "--state-dir", str(state),
-            "--node-resolv-conf", str(resolv), "--sync-interval", "1"]
+            "--node-resolv-conf", str(resolv), "--sync-interval", "1",
+            "--lock-file", str(lock_file(lab))]
     for ip in lab.dns_ips:
         args += ["--dns-ip", str(ip)]
     if upstreams is None:
@@ -93,7 +116,8 @@ def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.1) -> flo
 
 def start_agent(lab: Lab, args: Sequence[str], log: Path) -> subprocess.Popen[str]:
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
-        return lab.popen_in(lab.node_netns, [sys.executable, "-m", "dnsguard", "run", *args],
+        return lab.popen_in(lab.node_netns,
+                            [sys.executable, "-m", "dnsguard", *_with_lock(lab, ["run", *args])],
                             stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -40,7 +40,7 @@ from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
 
 SCRAPE_EVERY = 5.0
-#: the labels a PodMonitor scrape adds (see deploy/components/monitoring/podmonitor.yaml)
+#: the labels a ServiceMonitor scrape adds (see deploy/components/monitoring/servicemonitor.yaml)
 TARGET = {"job": "kube-system/dnsguard", "instance": "198.18.0.1:9253", "node": "lab-node"}
 FETCH = r"""
 import sys, urllib.request

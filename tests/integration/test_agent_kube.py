@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import dnsguard, fake_api, status, stop_agent, wait_for
+from dnsguard_helpers import dnsguard, fake_api, lock_file, status, stop_agent, wait_for
 
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig, dns_pod_ip
@@ -53,7 +53,7 @@ def _args(tmp_path: Path, kubeconfig: Path) -> list[str]:
 @pytest.fixture
 def agent(lab: Lab, api, tmp_path: Path):
     call, kubeconfig = api
-    args = _args(tmp_path, kubeconfig)
+    args = [*_args(tmp_path, kubeconfig), "--lock-file", str(lock_file(lab))]
     log = tmp_path / "agent.log"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     with log.open("w") as out:

@@ -193,8 +193,10 @@ def test_daemonset_runs_on_every_node_with_host_network(rendered):
     assert pod["dnsPolicy"] == "Default"  # never depends on cluster DNS to start
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
+    # surge: the new pod waits beside the old one for the node lock (test_node_lock_is_shared)
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
-                                            "rollingUpdate": {"maxUnavailable": "10%"}}
+                                            "rollingUpdate": {"maxSurge": "10%",
+                                                              "maxUnavailable": 0}}
     selector = ds["spec"]["selector"]["matchLabels"]
     assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 
@@ -315,7 +317,7 @@ def pss_violations(pod: dict, level: str) -> set[str]:
 
 
 #: Why the DaemonSet needs the privileged level, and nothing more than these controls break.
-NEEDS_PRIVILEGED = {"hostNetwork", "hostPath volumes", "hostPorts", "capabilities"}
+NEEDS_PRIVILEGED = {"hostNetwork", "hostPath volumes", "capabilities"}
 
 
 def test_pod_needs_the_privileged_level_for_exactly_the_documented_reasons(rendered):
@@ -370,15 +372,35 @@ def test_host_paths_and_writable_dirs(rendered):
     assert {v["name"] for v in volumes.values()} == {m["name"] for m in mounts.values()}
 
 
+def test_node_lock_is_shared_by_every_pod_on_the_node(rendered):
+    """A hostPath, not the pod's emptyDir: the surge pod must see the old pod's lock."""
+    _, objs, _ = rendered
+    pod = _ds(objs)["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in _container(objs)["env"]}
+    lock = Path(env["DNSGUARD_LOCK_FILE"]["value"])
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (mount,) = [m for m in _container(objs)["volumeMounts"] if m["mountPath"] == str(lock.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+    # on the host it is where a `dnsguard` run on the node looks by default
+    host_lock = Path(volume["hostPath"]["path"]) / lock.name
+    assert host_lock == settings_from(build_parser().parse_args(["run"]), env={}).lock_file
+    settings = settings_from(build_parser().parse_args(["run"]),
+                             env={**objs[("ConfigMap", "dnsguard")]["data"],
+                                  "DNSGUARD_LOCK_FILE": str(lock)})
+    assert settings.lock_file == lock and lock.parent != settings.state_dir
+
+
 def test_probes_resources_and_grace_period(rendered):
     _, objs, _ = rendered
     c = _container(objs)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"metrics": 9254}
+    # hostNetwork turns any containerPort into a hostPort, which keeps a surge pod off the node
+    assert "ports" not in c
     data = objs[("ConfigMap", "dnsguard")]["data"]
     assert data["DNSGUARD_METRICS_ADDRESS"] == "0.0.0.0:9254"  # kubelet probes the node's IP
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    port = int(data["DNSGUARD_METRICS_ADDRESS"].split(":")[1])
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
     res = c["resources"]
     assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"memory"}
     grace = _ds(objs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

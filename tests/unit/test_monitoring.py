@@ -11,7 +11,7 @@ needs the machine-wide nf_conntrack_max lowered): their phase is the recorded he
 with the conntrack series replaced, which the test says where it does it.
 
 ``metrics.txt`` is a full scrape of that agent: the names and labels every query may use (plus
-the labels the PodMonitor's scrape adds). What this cannot prove: that Grafana renders the
+the labels the ServiceMonitor's scrape adds). What this cannot prove: that Grafana renders the
 panels, or that the Prometheus Operator accepts the objects (no CRD schema here).
 """
 
@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT = ROOT / "deploy/components/monitoring"
 DATA = Path(__file__).parent / "data" / "monitoring"
-#: labels a PodMonitor scrape adds to every series (job, instance, the relabelled node, and the
+#: labels a ServiceMonitor scrape adds to every series (job, instance, the relabelled node, and the
 #: operator's own pod labels)
 TARGET_LABELS = {"job", "instance", "node", "namespace", "pod", "container", "endpoint"}
 NODE = "lab-node"
@@ -151,20 +151,30 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict
 
 
 def test_component_adds_monitor_rules_and_dashboards_to_an_overlay(site) -> None:
-    assert {k for k in site if k[0] in ("PodMonitor", "PrometheusRule")} == {
-        ("PodMonitor", "dnsguard"), ("PrometheusRule", "dnsguard")}
+    assert {k for k in site if k[0] in ("ServiceMonitor", "PrometheusRule", "Service")} == {
+        ("ServiceMonitor", "dnsguard"), ("Service", "dnsguard-metrics"),
+        ("PrometheusRule", "dnsguard")}
     ds = site[("DaemonSet", "dnsguard")]
     pod = ds["spec"]["template"]
-    monitor = site[("PodMonitor", "dnsguard")]
-    assert monitor["metadata"]["namespace"] == ds["metadata"]["namespace"] == "kube-system"
-    # the monitor selects the agent's pods and scrapes the port its probes use
+    monitor = site[("ServiceMonitor", "dnsguard")]
+    service = site[("Service", "dnsguard-metrics")]
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == \
+        ds["metadata"]["namespace"] == "kube-system"
+    # the monitor selects the Service, the Service the agent's pods, on the port its probes use
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
-        pod["metadata"]["labels"].items()
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        service["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["clusterIP"] == "None"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = service["spec"]["ports"]
     (container,) = pod["spec"]["containers"]
-    assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    assert endpoint["port"] == port["name"]
+    assert port["targetPort"] == container["readinessProbe"]["httpGet"]["port"]
+    # no containerPort: with hostNetwork it would be a hostPort and block the maxSurge pod
+    assert "ports" not in container
     assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in \
         endpoint["relabelings"]
+    kubernetes_validate.validate(service, kubernetes_validate.latest_version(), strict=True)
     dashboards = site[("ConfigMap", "dnsguard-dashboards")]
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert set(dashboards["data"]) == {"dnsguard-cluster.json", "dnsguard-node.json"}
