@@ -30,6 +30,9 @@ class CacheSpec:
     #: where names outside the cluster go; empty means "the cluster upstreams as well"
     external_upstreams: tuple[Endpoint, ...]
     ipv6: bool
+    #: the DNS Service's ClusterIPs: the agent asks them through kube-proxy's path when the
+    #: cache cannot reach its upstreams, to tell a broken cache path from a dead cluster DNS
+    cluster_ips: tuple[IPAddress, ...] = ()
 
 
 def _addr(ep: Endpoint) -> str:
