@@ -13,13 +13,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from dnsguard.agent import Agent
 from dnsguard.cache.runtime import CacheRuntime, Upstream
 from dnsguard.cache.unbound import CacheError
+from dnsguard.cli import _ready
+from dnsguard.metrics import Metrics
 from dnsguard.model import Backend, IPAddress
+from dnsguard.netfilter import Netfilter
 from dnsguard.netfilter.errors import NetfilterError
+from dnsguard.plan import Plan
 from dnsguard.plan.cache import CacheSpec
-from dnsguard.testing.fakes import FakeRunner
+from dnsguard.testing.fakes import FakeRunner, FakeXtables
 
 CLUSTER_IP = ipaddress.ip_address("198.18.1.10")
 LOCAL_IP = ipaddress.ip_address("169.254.20.10")
@@ -405,3 +411,34 @@ def test_update_with_new_addresses_repairs_the_link_and_reloads_without_judging_
     assert node.link.repairs == 1
     node.beat()
     assert node.switch.calls == ["refresh 169.254.20.10"]
+
+
+def test_status_metric_and_readiness_say_which_upstream_case_holds(node: Node) -> None:
+    agent = Agent(Netfilter(FakeXtables(), Backend.IPTABLES_NFT, set()), Plan(()), interval=10,
+                  cache=node.rt)
+    agent.state.in_sync = True
+    metrics = Metrics(CollectorRegistry())
+    metrics.watch(agent, FakeRunner())
+
+    def series() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in metrics.exposition().decode().splitlines():
+            if line.startswith("dnsguard_cache_upstream_state{"):
+                label, value = line.split(" ")
+                out[label.split('"')[1]] = float(value)
+        return out
+
+    assert series() == {"ok": 0, "serving-stale": 0, "failed-open": 0, "unknown": 1}
+    node.check.cache_path = node.check.proxy_path = False
+    node.rt.probe_upstream()
+    node.beat()
+    assert series() == {"ok": 0, "serving-stale": 1, "failed-open": 0, "unknown": 0}
+    ready = _ready(agent)
+    assert ready.ok and "serving stale answers" in ready.detail
+    doc = agent.report()["cache"]
+    assert doc["upstream"] == "serving-stale" and doc["link"] == "ok" and doc["intercepting"]
+    node.check.proxy_path = True
+    node.rt.probe_upstream()
+    node.beat()
+    assert series()["failed-open"] == 1
+    assert not _ready(agent).ok and agent.report()["cache"]["upstream"] == "failed-open"
