@@ -13,8 +13,8 @@ the Kubernetes watch, returns a new plan; the loop then syncs at once and hands 
 new upstreams). The node-local cache's health and its dead man's switch are not in this loop:
 they have their own heartbeat thread (`CacheRuntime.start`), because a sync can take seconds
 (table reads beside kube-proxy's rules) and the switch expires in `ALIVE_SECONDS`. Everything
-the agent knows is written to the state directory at every turn, and whenever the cache's
-state changes, for ``dnsguard status``.
+the agent knows is written to the state directory at every turn of either, for
+``dnsguard status``.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class Agent:
         ``stop`` calls `wake` too.
         """
         if self.cache is not None:
-            self.cache.start(stop, on_change=self.write_status)
+            self.cache.start(stop, on_step=self.write_status)
         try:
             removed = self.netfilter.cleanup_other_backends()
             if removed:

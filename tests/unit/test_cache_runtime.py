@@ -277,7 +277,7 @@ def test_link_loss_is_withdrawn_then_repaired_and_interception_resumes_in_the_sa
     assert node.state.intercepting
 
 
-def test_addresses_removed_are_found_by_the_failed_door_and_re_added(node: Node) -> None:
+def test_addresses_removed_are_found_before_the_door_times_out_and_re_added(node: Node) -> None:
     node.link.missing = set(LISTEN)
     node.check.down = {a: "no answer within 0.5s" for a in LISTEN}
 

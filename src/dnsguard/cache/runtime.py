@@ -191,6 +191,7 @@ class CacheRuntime:
         #: addresses the switch holds (as far as we know): withdrawn at once when they fail
         self._live: set[IPAddress] = set()
         self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -216,42 +217,42 @@ class CacheRuntime:
                 self._reloading = False
 
     def start(self, stop: threading.Event,
-              on_change: Callable[[], None] | None = None) -> list[threading.Thread]:
-        """The heartbeat and upstream-probe threads, running until ``stop`` or shutdown."""
-        def every(seconds: float, step: Callable[[], bool]) -> Callable[[], None]:
+              on_step: Callable[[], None] | None = None) -> list[threading.Thread]:
+        """The heartbeat and upstream-probe threads, running until `stop` ends the cache.
+
+        ``on_step`` runs after every beat and probe (the agent writes its status file there:
+        its own loop may be stuck in a slow sync, and status must not look stale meanwhile).
+
+        The heartbeat thread starts (and restarts) unbound, and unbound's parent-death signal
+        fires when the *thread* that forked it ends (PR_SET_PDEATHSIG): so the heartbeat lives
+        until the cache is stopped, never just until ``stop`` is set, or unbound would be killed
+        before the drain that lets it answer the queries already sent to it. After ``stop`` or
+        `withdraw` it only idles.
+        """
+        def every(seconds: float, step: Callable[[], None]) -> Callable[[], None]:
             def loop() -> None:
-                while not stop.is_set() and not self._withdrawn:
+                while not self._closed.is_set():
                     began = time.monotonic()
-                    try:
-                        changed = step()
-                    except Exception:  # the heartbeat must outlive any one bad beat
-                        log.exception("cache health step failed")
-                        changed = False
-                    if changed and on_change is not None:
-                        on_change()
-                    stop.wait(max(0.0, seconds - (time.monotonic() - began)))
+                    if not stop.is_set() and not self._withdrawn:
+                        try:
+                            step()
+                            if on_step is not None:
+                                on_step()
+                        except Exception:  # the heartbeat must outlive any one bad beat
+                            log.exception("cache health step failed")
+                    self._closed.wait(max(0.0, seconds - (time.monotonic() - began)))
             return loop
 
         threads = [
-            threading.Thread(target=every(HEALTH_INTERVAL, self._beat_changed), daemon=True,
+            threading.Thread(target=every(HEALTH_INTERVAL, self.beat), daemon=True,
                              name="heartbeat"),
-            threading.Thread(target=every(UPSTREAM_PROBE_EVERY, self._probe_changed),
+            threading.Thread(target=every(UPSTREAM_PROBE_EVERY, self.probe_upstream),
                              daemon=True, name="upstream-probe"),
         ]
         for t in threads:
             t.start()
         self._threads = threads
         return threads
-
-    def _beat_changed(self) -> bool:
-        before = asdict(self.state)
-        self.beat()
-        return asdict(self.state) != before
-
-    def _probe_changed(self) -> bool:
-        before = self.state.upstream
-        self.probe_upstream()
-        return self.state.upstream != before
 
     # -- the heartbeat ------------------------------------------------------------------------
     def beat(self) -> None:
@@ -266,12 +267,12 @@ class CacheRuntime:
             self.state.pid = self.unbound.pid
         spec = self.spec
         listen = spec.listen
-        broken = self.link.check(listen)
+        # every beat, before the doors: a missing address is found in microseconds, whereas
+        # its door query would only tell after its timeout
+        broken = self.link.check(listen, deep=True)
         doors: dict[IPAddress, str | None] = {}
         if broken is None:
             doors = self.checker.doors(listen)
-            if any(doors.get(a) is not None for a in listen):
-                broken = self.link.check(listen, deep=True)
         if broken is not None:
             if not self._repair(listen, broken):
                 return
@@ -440,11 +441,12 @@ class CacheRuntime:
         self.state.reason = "withdrawn for shutdown"
 
     def stop(self, join_timeout: float = 5.0) -> None:
-        """Stop the cache after `withdraw`: the heartbeat ends first, so it restarts nothing."""
-        for t in self._threads:
-            t.join(join_timeout)
+        """Stop the cache after `withdraw` (the heartbeat idles since), then end the threads."""
         self.unbound.stop()
         self.state.pid = None
+        self._closed.set()
+        for t in self._threads:
+            t.join(join_timeout)
 
     def teardown(self) -> None:
         """Remove the link and the files dnsguard wrote; the state directory itself stays."""
@@ -486,7 +488,7 @@ class NodeLink:
     was mounted by another namespace. Carrier is deliberately not checked: a port-less bridge
     (kernels without dummy links) has none and still holds local addresses. The deep check
     binds a socket to each address without IP_FREEBIND, which the kernel allows only for local
-    addresses; it runs only when a door query failed.
+    addresses: a few syscalls, no exec.
     """
 
     def __init__(self, runner: Runner) -> None:
