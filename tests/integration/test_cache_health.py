@@ -31,6 +31,7 @@ from dnsguard_helpers import (
     stop_agent,
     wait_for,
 )
+from test_metrics import get, value
 from test_nodelocal import Timeline
 
 from dnsguard.testing.lab import Lab, LabConfig
@@ -159,3 +160,43 @@ def _syncs(state: Path) -> int:
         return int(json.loads((state / "status.json").read_text())["syncs"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_cluster_dns_down_keeps_interception_serves_stale_and_stays_ready(
+        lab: Lab, tmp_path: Path) -> None:
+    """Every CoreDNS pod unreachable: from the cache and through kube-proxy's path alike."""
+    args = [*nodelocal_args(lab, tmp_path / "state"), "--metrics-address", "127.0.0.1:9253"]
+    log = tmp_path / "agent.log"
+    proc = _start(lab, args, log)
+    links = []
+    try:
+        wait_for(lambda: _cache(lab, args).get("upstream") == "ok", timeout=15)
+        assert lab.lookup_load(count=5, concurrency=1, duration=5).summary().failed == 0
+        for i in range(len(lab.dns_netns)):
+            for line in lab.dns_run(i, ["ip", "-o", "link", "show"]).stdout.splitlines():
+                dev = line.split(":")[1].strip().split("@")[0]
+                if dev != "lo":
+                    lab.dns_run(i, ["ip", "link", "set", dev, "down"])
+                    links.append((i, dev))
+        wait_for(lambda: _cache(lab, args).get("upstream") == "serving-stale", timeout=30)
+        doc = _cache(lab, args)
+        code, body = get(lab, "/readyz")
+        metrics = get(lab, "/metrics")[1]
+        print(f"\ncluster DNS down: cache {doc['upstream']}, intercepting {doc['intercepting']},"
+              f" /readyz {code} {body.strip()}")
+        assert doc["intercepting"] is True
+        assert code == 200 and "serving stale" in body
+        assert value(metrics, 'dnsguard_cache_upstream_state{state="serving-stale"}') == 1
+        assert value(metrics, 'dnsguard_cache_upstream_state{state="failed-open"}') == 0
+        # names seen before still answer, from the cache
+        s = lab.lookup_load(count=5, concurrency=1, duration=5).summary()
+        assert s.failed == 0
+        for i, dev in links:
+            lab.dns_run(i, ["ip", "link", "set", dev, "up"])
+        links.clear()
+        wait_for(lambda: _cache(lab, args).get("upstream") == "ok", timeout=30)
+        assert _cache(lab, args)["intercepting"] is True
+    finally:
+        for i, dev in links:
+            lab.dns_run(i, ["ip", "link", "set", dev, "up"], check=False)
+        stop_agent(proc)
