@@ -22,6 +22,7 @@ from dnsguard.cli import _ready
 from dnsguard.metrics import Metrics
 from dnsguard.model import Backend, IPAddress
 from dnsguard.netfilter import Netfilter
+from dnsguard.netfilter.alive import AliveSwitch
 from dnsguard.netfilter.errors import NetfilterError
 from dnsguard.plan import Plan
 from dnsguard.plan.cache import CacheSpec
@@ -442,3 +443,35 @@ def test_status_metric_and_readiness_say_which_upstream_case_holds(node: Node) -
     node.beat()
     assert series()["failed-open"] == 1
     assert not _ready(agent).ok and agent.report()["cache"]["upstream"] == "failed-open"
+
+
+def test_switch_withdraws_single_addresses_on_both_kinds_of_switch(tmp_path: Path) -> None:
+    v6 = ipaddress.ip_address("fd00:198:18:1::a")
+    runner = FakeRunner()
+    runner.add(["nft", "-f", "-"])
+    AliveSwitch(runner, Backend.NFTABLES).withdraw([CLUSTER_IP, v6])
+    # add-then-delete in one transaction: succeeds whether or not the element was there
+    assert runner.calls == [(("nft", "-f", "-"),
+                             "add element inet dnsguard alive4 { 198.18.1.10 }\n"
+                             "delete element inet dnsguard alive4 { 198.18.1.10 }\n"
+                             "add element inet dnsguard alive6 { fd00:198:18:1::a }\n"
+                             "delete element inet dnsguard alive6 { fd00:198:18:1::a }\n")]
+    recent = tmp_path / "net/xt_recent"
+    recent.mkdir(parents=True)
+    lists = {name: recent / name for name in ("dnsguard-alive4", "dnsguard-alive6")}
+    for path in lists.values():
+        path.touch()
+    switch = AliveSwitch(FakeRunner(), Backend.IPTABLES_NFT, proc_root=tmp_path)
+    switch.withdraw([LOCAL_IP, v6])
+    written = [lists["dnsguard-alive4"].read_text(), lists["dnsguard-alive6"].read_text()]
+    assert written == ["-169.254.20.10\n", "-fd00:198:18:1::a\n"]
+
+
+def test_withdrawing_some_addresses_counts_as_a_fail_open_once(node: Node) -> None:
+    node.check.down = {CLUSTER_IP: "answered NXDOMAIN"}
+    node.beat()
+    node.beat()
+    assert node.state.fail_opens == 1 and not node.state.intercepting
+    node.check.down = {}
+    node.beat()
+    assert node.state.intercepting and node.state.fail_opens == 1

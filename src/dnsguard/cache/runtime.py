@@ -353,9 +353,11 @@ class CacheRuntime:
                 st.healthy, st.intercepting, st.reason = True, False, f"cannot intercept: {exc}"
                 return
             self._live.update(answering)
-        if not st.intercepting:
+        if not st.intercepting and not failing:
             log.info("cache healthy: intercepting DNS to %s",
                      ", ".join(str(a) for a in answering))
+        if st.intercepting and failing:  # withdrawn for some addresses: a fail-open too
+            st.fail_opens += 1
         st.healthy, st.intercepting = True, not failing
         if failing:
             st.reason = _door_reason(failing)
