@@ -270,20 +270,12 @@ class CacheRuntime:
         # every beat, before the doors: a missing address is found in microseconds, whereas
         # its door query would only tell after its timeout
         broken = self.link.check(listen, deep=True)
-        doors: dict[IPAddress, str | None] = {}
-        if broken is None:
-            doors = self.checker.doors(listen)
-        if broken is not None:
-            if not self._repair(listen, broken):
-                return
-            doors = self.checker.doors(listen)  # re-ask now: interception resumes this beat
-        elif self.state.link != "ok":
-            self.state.link = "ok"
-        failing: dict[IPAddress, str] = {}
-        for a in listen:
-            why = doors.get(a, "not asked")
-            if why is not None:
-                failing[a] = why
+        if broken is not None and not self._repair(listen, broken):
+            return
+        self.state.link = "ok"
+        # after a repair too: interception resumes in the beat that repaired the link
+        doors = self.checker.doors(listen)
+        failing = {a: why for a in listen if (why := doors.get(a, "not asked")) is not None}
         answering = [a for a in listen if a not in failing]
         self._withdraw_now([a for a in failing if a in self._live], "its door query failed")
         self.state.failing = {str(a): why for a, why in failing.items()}
