@@ -420,8 +420,8 @@ class CacheRuntime:
 
     def _set_upstream(self, state: Upstream, reason: str) -> None:
         if self.state.upstream != state.value:
-            log.warning("cluster DNS upstreams: %s%s", state.value,
-                        f" ({reason})" if reason else "")
+            log.log(logging.INFO if state is Upstream.OK else logging.WARNING,
+                    "cluster DNS upstreams: %s%s", state.value, f" ({reason})" if reason else "")
         self._upstream_reason = reason
         self.state.upstream = state.value
 
