@@ -6,7 +6,9 @@ went through the door pods use, each of these black-holed DNS for as long as one
 /readyz said ready. Here DNS must answer again within 2 s and interception must resume once the
 agent has repaired the link. A second test slows every table read to 5 s (a wrapper first on the
 agent's PATH) with syncs every 2 s: the switch has its own heartbeat, so no lookup may lapse
-to kube-proxy's path (0 conntrack entries to the ClusterIP).
+to kube-proxy's path (0 conntrack entries to the ClusterIP). Two more: a hung cache (SIGSTOP)
+is withdrawn and taken back, and a cluster DNS unreachable on both paths keeps interception
+(serving stale) while status, /readyz and the metric say so.
 
 What these cannot prove: faults on a node with kube-proxy's 40k rules (the lab has a few), and
 what an unhealthy kernel would do to the heartbeat thread itself.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -199,4 +202,34 @@ def test_cluster_dns_down_keeps_interception_serves_stale_and_stays_ready(
     finally:
         for i, dev in links:
             lab.dns_run(i, ["ip", "link", "set", dev, "up"], check=False)
+        stop_agent(proc)
+
+
+def test_hung_cache_is_withdrawn_within_2s_and_taken_back_when_it_answers_again(
+        lab: Lab, tmp_path: Path) -> None:
+    """SIGSTOP: the process is there, its door queries time out; SIGCONT: it answers again."""
+    args = nodelocal_args(lab, tmp_path / "state")
+    log = tmp_path / "agent.log"
+    proc = _start(lab, args, log)
+    pid = _cache(lab, args)["pid"]
+    assert isinstance(pid, int)
+    try:
+        timeline = Timeline(lab, 0, seconds=7)
+        time.sleep(1.5)  # lookups before the fault: the baseline of the timeline
+        hung_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        samples = timeline.result()
+        took, inflight = Timeline.recovery(samples, hung_at)
+        after = [s for s in samples if s[0] >= hung_at]
+        failed = sum(1 for _, _, ok in after if not ok)
+        print(f"\nunbound SIGSTOP: {len(after)} lookups after it, {failed} failed; new lookups "
+              f"answered {took:.2f}s after it; worst in-flight {inflight:.2f}s")
+        assert took <= ANSWER_AGAIN, log.read_text()
+        doc = _cache(lab, args)
+        assert doc["intercepting"] is False and "no answer within" in str(doc["reason"])
+        os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: _cache(lab, args).get("intercepting") is True, timeout=10)
+        assert _cache(lab, args)["pid"] == pid  # taken back, not restarted
+    finally:
+        os.kill(pid, signal.SIGCONT)
         stop_agent(proc)
