@@ -8,10 +8,13 @@ is retried with exponential backoff (1 s, 2 s, ... capped at the interval) on an
 never with ad-hoc sleeps; the previous rules stay as they were because every write is one
 atomic transaction.
 
-The loop wakes for three reasons: the sync interval, the node-local cache's health tick, and
-new facts (a `replan` callable, fed by the Kubernetes watch, returns a new plan; the loop then
-syncs at once and hands the cache its new upstreams). Everything it knows is written to the
-state directory at every turn for ``dnsguard status``.
+The loop wakes for two reasons: the sync interval and new facts (a `replan` callable, fed by
+the Kubernetes watch, returns a new plan; the loop then syncs at once and hands the cache its
+new upstreams). The node-local cache's health and its dead man's switch are not in this loop:
+they have their own heartbeat thread (`CacheRuntime.start`), because a sync can take seconds
+(table reads beside kube-proxy's rules) and the switch expires in `ALIVE_SECONDS`. Everything
+the agent knows is written to the state directory at every turn of either, for
+``dnsguard status``.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class Agent:
         self._kube_status = kube_status
         self.state = AgentState()
         self._wakeup = threading.Event()
+        # the loop and the cache's heartbeat both write the status file
+        self._status_lock = threading.Lock()
 
     def wake(self) -> None:
         """Make the loop turn now (new facts, or a stop request)."""
@@ -178,9 +183,12 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Sync now, then every interval (sooner after failures or new facts) until ``stop``.
 
-        With a node-local cache the loop also ticks the cache every `HEALTH_INTERVAL`; rule
-        syncs keep their own cadence. Whoever sets ``stop`` calls `wake` too.
+        With a node-local cache its heartbeat and upstream probe run on their own threads from
+        here on; this loop still turns every `HEALTH_INTERVAL` for the status file. Whoever sets
+        ``stop`` calls `wake` too.
         """
+        if self.cache is not None:
+            self.cache.start(stop, on_step=self.write_status)
         try:
             removed = self.netfilter.cleanup_other_backends()
             if removed:
@@ -195,8 +203,6 @@ class Agent:
             if self.clock.monotonic() >= next_sync:
                 self.sync()
                 next_sync = self.clock.monotonic() + self.next_delay()
-            if self.cache is not None:
-                self.cache.tick()
             self.write_status()
             delay = max(0.0, next_sync - self.clock.monotonic())
             if self.cache is not None:
@@ -223,7 +229,8 @@ class Agent:
         if self.state_dir is None:
             return
         try:
-            write_status(self.state_dir, self.report())
+            with self._status_lock:
+                write_status(self.state_dir, self.report())
         except OSError as exc:
             log.debug("cannot write status: %s", exc)
 

@@ -429,6 +429,9 @@ def _ready(agent: Agent) -> Probe:
         return Probe(False, f"rules not in sync: {agent.state.last_error or 'first sync pending'}")
     if agent.cache is not None and not agent.cache.state.intercepting:
         return Probe(False, f"cache not intercepting: {agent.cache.state.reason}")
+    if agent.cache is not None and agent.cache.state.upstream == "serving-stale":
+        # still ready: failing open would send pods to the same unreachable cluster DNS
+        return Probe(True, f"in sync, cache intercepting, {agent.cache.state.reason}")
     return Probe(True, "in sync" + (", cache intercepting" if agent.cache else ""))
 
 

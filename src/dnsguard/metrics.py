@@ -36,6 +36,8 @@ log = logging.getLogger("dnsguard.metrics")
 #: every value `NetfilterError.reason` can take, so each series exists from the start
 SYNC_ERROR_REASONS = ("restore_failed", "lock_held", "command_not_found", "error", "cache", "link")
 PROBE_TARGETS = ("cluster", "local")
+#: every value of `dnsguard.cache.runtime.Upstream`
+UPSTREAM_STATES = ("ok", "serving-stale", "failed-open", "unknown")
 
 
 class Metrics:
@@ -137,6 +139,15 @@ class _StateCollector(Collector):
             yield _counter("dnsguard_cache_fail_open_total",
                            "Times interception was withdrawn because the cache was unhealthy.",
                            cs.fail_opens)
+            upstream = GaugeMetricFamily(
+                "dnsguard_cache_upstream_state",
+                "1 for how the cache reaches the cluster DNS now: ok, serving-stale (unreachable "
+                "from the cache and through kube-proxy's path: interception kept), failed-open "
+                "(only the cache's path is broken: interception withdrawn), unknown.",
+                labels=["state"])
+            for state in UPSTREAM_STATES:  # every series, zero unless current
+                upstream.add_metric([state], 1.0 if cs.upstream == state else 0.0)
+            yield upstream
         kube = self.agent.kube_status()
         if kube is not None:
             yield _gauge("dnsguard_kube_connected", "1 while the Kubernetes watches are healthy.",

@@ -27,6 +27,16 @@ NFT_TABLE = "dnsguard"
 ALIVE_SECONDS = 2
 #: DNS over UDP and TCP
 DNS_PORT = 53
+#: Packet marks (SO_MARK) of the agent's own probe sockets, matched exactly (whole mark) in
+#: dnsguard's raw OUTPUT chain, where nothing but the socket has set a mark yet. Chosen clear of
+#: the bits others are known to use on the packets that leave that chain: kube-proxy's 0x4000
+#: (masquerade) and 0x8000 (drop), Calico's default 0xffff0000, Cilium's 0x0f00, Istio's 0x539,
+#: AWS VPC CNI's 0x80.
+#: `PROBE_MARK`: the health query to each listen address on port 53 is untracked (so it reaches
+#: the cache) even while the dead man's switch is off.
+PROBE_MARK = 0x1000
+#: `BYPASS_MARK`: the query to the DNS ClusterIP through kube-proxy's path skips interception.
+BYPASS_MARK = 0x2000
 
 
 class Family(enum.Enum):
@@ -140,6 +150,8 @@ class Match:
     ctstate: CtState | None = None
     #: match only packets whose source address is local to the node (addrtype LOCAL)
     src_local: bool = False
+    #: match only packets whose mark equals this exactly (`PROBE_MARK`, `BYPASS_MARK`)
+    mark: int | None = None
 
 
 @dataclass(frozen=True)

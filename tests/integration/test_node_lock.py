@@ -115,10 +115,6 @@ def test_cleanup_beside_the_agent_refuses_names_the_holder_and_changes_nothing(
     assert not failed and not slow
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs the agent to repair a deleted dnsguard0 (issue 12's health work, another branch): "
-    "until then interception stays on with the link gone, the black hole this issue is about. "
-    "Remove this marker when that is merged"))
 def test_cleanup_force_removes_everything_dns_answers_and_the_agent_restores_it(
         lab: Lab, agent_a) -> None:
     proc, args, log = agent_a

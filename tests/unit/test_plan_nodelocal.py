@@ -11,7 +11,19 @@ import pytest
 
 from dnsguard.cli import build_parser, main, render_plan
 from dnsguard.config import ForwardZone, Settings, settings_from
-from dnsguard.model import Backend, Family, Hook, Mitigation, NodeFacts, ProxyMode, Table, Verdict
+from dnsguard.model import (
+    BYPASS_MARK,
+    PROBE_MARK,
+    Backend,
+    Family,
+    Hook,
+    Mitigation,
+    NodeFacts,
+    Proto,
+    ProxyMode,
+    Table,
+    Verdict,
+)
 from dnsguard.plan import PlanRefused, plan
 from dnsguard.plan.cache import render_unbound
 from dnsguard.testing.fakes import FakeRunner
@@ -59,7 +71,26 @@ def test_every_intercepting_notrack_is_gated_by_the_dead_mans_switch() -> None:
     for chain in p.for_family(Family.V4).chains:
         for rule in chain.rules:
             if rule.verdict is Verdict.NOTRACK and rule.match.dport == 53:
-                assert rule.match.alive, rule.comment
+                # the one exception: the agent's own health query, which proves the cache
+                # healthy before the switch is turned on
+                assert rule.match.alive or rule.match.mark == PROBE_MARK, rule.comment
+
+
+@pytest.mark.parametrize("mode", list(ProxyMode))
+def test_agent_probes_pass_first_in_raw_output_whatever_the_switch(mode: ProxyMode) -> None:
+    p = plan(facts(mode), nl(mode, upstreams=() if mode is ProxyMode.IPVS else ((EP1, 53),)))
+    assert p.cache is not None and p.cache.cluster_ips == (CIP,)
+    out = next(c for c in p.for_family(Family.V4).chains
+               if c.table is Table.RAW and c.hook is Hook.OUTPUT)
+    marked = [r for r in out.rules if r.match.mark is not None]
+    assert list(out.rules[:len(marked)]) == marked  # ahead of every interception rule
+    probes = {(r.match.dst, r.verdict) for r in marked if r.match.mark == PROBE_MARK}
+    assert probes == {(ipaddress.ip_network(a), Verdict.NOTRACK) for a in p.cache.listen}
+    bypass = [(r.match.dst, r.verdict) for r in marked if r.match.mark == BYPASS_MARK]
+    # in ipvs mode the ClusterIP is not intercepted: nothing to bypass
+    assert bypass == ([] if mode is ProxyMode.IPVS else
+                      [(ipaddress.ip_network(CIP), Verdict.RETURN)])
+    assert all(r.match.proto is Proto.UDP and r.match.dport == 53 for r in marked)
 
 
 def test_upstream_that_is_intercepted_is_refused_as_a_loop() -> None:

@@ -50,14 +50,38 @@ class AliveSwitch:
         for fam, ips in groups.items():
             self._recent(fam, "".join(f"+{ip}\n" for ip in ips))
 
-    def withdraw(self) -> None:
-        """Turn interception off now (graceful hand-over), for every address."""
+    def withdraw(self, addrs: Iterable[IPAddress] | None = None) -> None:
+        """Turn interception off now for ``addrs`` (None: every address, graceful hand-over)."""
+        if addrs is not None:
+            self._withdraw_some(self._by_family(addrs))
+            return
         if self.backend is Backend.NFTABLES:
             for fam in Family:  # one transaction each: a family may have no set
                 self._nft(f"flush set inet {NFT_TABLE} alive{fam.value}\n", missing_ok=True)
             return
         for fam in Family:
             self._recent(fam, "/\n", missing_ok=True)
+
+    def _withdraw_some(self, groups: dict[Family, list[str]]) -> None:
+        if self.backend is Backend.NFTABLES:
+            lines = []
+            for fam, ips in groups.items():
+                elems = ", ".join(ips)
+                s = f"inet {NFT_TABLE} alive{fam.value}"
+                # add-delete: succeeds whether or not the element was there
+                lines += [f"add element {s} {{ {elems} }}", f"delete element {s} {{ {elems} }}"]
+            if lines:
+                self._nft("\n".join(lines) + "\n", missing_ok=True)
+            return
+        first: NetfilterError | None = None
+        for fam, ips in groups.items():
+            for ip in ips:  # one failed address must not keep the others in
+                try:
+                    self._recent(fam, f"-{ip}\n", missing_ok=True)
+                except NetfilterError as exc:
+                    first = first or exc
+        if first is not None:
+            raise first
 
     def _recent(self, fam: Family, text: str, missing_ok: bool = False) -> None:
         path = self.proc_root / "net/xt_recent" / fam.alive_name

@@ -23,7 +23,9 @@ from ipaddress import ip_network
 
 from dnsguard.config import Settings
 from dnsguard.model import (
+    BYPASS_MARK,
     DNS_PORT,
+    PROBE_MARK,
     Chain,
     CtState,
     ExternalService,
@@ -226,6 +228,20 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
         f_out: list[Rule] = []
         nat: list[Rule] = []
         fallback = [ip for ip in facts.dns_ips if Family.of(ip) is family]
+        # first in raw OUTPUT, never gated by the switch: the agent's own probes (its sockets
+        # set the mark). Its query to a ClusterIP with BYPASS_MARK takes kube-proxy's path, to
+        # tell a dead cluster DNS from a broken cache path; its health query to each address
+        # with PROBE_MARK reaches the cache even while interception is off, so the cache can
+        # prove itself healthy before interception starts.
+        for ip in addrs:
+            if ip in facts.dns_ips:
+                raw_out.append(Rule(
+                    Match(proto=Proto.UDP, dst=ip_network(ip), dport=DNS_PORT, mark=BYPASS_MARK),
+                    Verdict.RETURN, f"dnsguard: agent probe of {ip} takes the kube-proxy path"))
+        for ip in addrs:
+            raw_out.append(Rule(
+                Match(proto=Proto.UDP, dst=ip_network(ip), dport=DNS_PORT, mark=PROBE_MARK),
+                Verdict.NOTRACK, f"dnsguard: agent health query to the node-local cache on {ip}"))
         for proto in (Proto.UDP, Proto.TCP):
             p = proto.value
             for ip in addrs:
@@ -271,6 +287,7 @@ def _plan_nodelocal(facts: NodeFacts, settings: Settings) -> Plan:
         serve_stale=int(settings.serve_stale),
         pod_cidrs=facts.pod_cidrs,
         client_qps=settings.cache_client_qps,
+        cluster_ips=tuple(ip for ip in facts.dns_ips if Family.of(ip) in facts.families),
     )
     return Plan(tuple(rulesets), cache=spec)
 

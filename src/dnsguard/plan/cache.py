@@ -50,6 +50,9 @@ class CacheSpec:
     pod_cidrs: tuple[IPNetwork, ...] = ()
     #: queries per second one client address may send (unbound ip-ratelimit); 0: no limit
     client_qps: int = 0
+    #: the DNS Service's ClusterIPs: the agent asks them through kube-proxy's path when the
+    #: cache cannot reach its upstreams, to tell a broken cache path from a dead cluster DNS
+    cluster_ips: tuple[IPAddress, ...] = ()
 
 
 #: Zones unbound answers from its own defaults (RFC 6761/6762/7686/8375) unless told

@@ -89,6 +89,8 @@ def iptables_rule(chain_name: str, rule: Rule, family: Family) -> Tokens:
             tokens += ["--sport", str(check_port(m.sport))]
         if m.dport is not None:
             tokens += ["--dport", str(check_port(m.dport))]
+    if m.mark is not None:
+        tokens += ["-m", "mark", "--mark", f"{m.mark:#x}"]
     if m.ctstate is not None:
         tokens += ["-m", "conntrack", "--ctstate", m.ctstate.value.upper()]
     if m.src_local:
@@ -196,6 +198,8 @@ def _nft_match(family: Family, m: Match) -> list[str]:
                 parts += [m.proto.value, "sport", str(check_port(m.sport))]
             if m.dport is not None:
                 parts += [m.proto.value, "dport", str(check_port(m.dport))]
+    if m.mark is not None:
+        parts += ["meta", "mark", f"{m.mark:#010x}"]
     if m.ctstate is not None:
         parts += ["ct", "state", m.ctstate.value]
     if m.src_local:
