@@ -88,6 +88,35 @@ def test_boot_module_order_puts_dependencies_first(tmp_path):
         assert order.index(dep) < order.index(mod)
 
 
+def test_lockup_watch_fires_a_grace_period_after_the_report(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"[ 1.0] boot\n[ 30.1] watchdog: BUG: soft lo")
+    watch = vm._LockupWatch(console)
+    assert not watch.expired(100.0)
+    with console.open("ab") as f:  # the marker arrives split across two reads
+        f.write(b"ckup - CPU#1 stuck for 22s! [getent:812]\n")
+    assert not watch.expired(101.0)  # seen now: the grace starts here
+    assert not watch.expired(101.0 + vm.LOCKUP_GRACE - 1)
+    assert watch.expired(101.0 + vm.LOCKUP_GRACE)
+
+
+def test_lockup_watch_ignores_a_console_without_one(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_text("[ 1.0] boot\n[ 2.0] hung_task: blocked for more than 120 seconds\n")
+    watch = vm._LockupWatch(console)
+    assert not watch.expired(0.0) and not watch.expired(10_000.0)
+    assert not vm._LockupWatch(tmp_path / "missing.log").expired(10_000.0)
+
+
+def test_lockup_excerpt_starts_at_the_report():
+    lines = [f"[ {i}.0] noise {i}" for i in range(200)]
+    lines[150] = "[ 150.0] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [getent:9]"
+    lines[151] = "[ 150.0] Call Trace:"
+    excerpt = vm._lockup_excerpt("\n".join(lines))
+    assert excerpt.splitlines()[0] == lines[150] and "Call Trace" in excerpt
+    assert vm._lockup_excerpt("a\nb\nc", lines=2) == "b\nc"
+
+
 def test_static_busybox_detection():
     assert not vm._is_static_elf(Path(sys.executable).resolve())  # dynamically linked
     assert not vm._is_static_elf(Path(__file__))

@@ -31,7 +31,7 @@ from dnsguard_helpers import (
     without_empty_legacy_tables,
 )
 
-from dnsguard.model import Family, ProxyMode
+from dnsguard.model import ALIVE_SECONDS, Family, ProxyMode
 from dnsguard.testing.fake_apiserver import service_object
 from dnsguard.testing.lab import (
     DNS_CLUSTER_IPS,
@@ -111,15 +111,39 @@ def _point_pods_at(lab: Lab, server: str) -> None:
         conf.write_text("\n".join(lines) + "\n")
 
 
-def _lookup_ok_after(lab: Lab, since: float, bound: float) -> float:
-    """Seconds after ``since`` until a lookup from pod 0 succeeds (raises past ``bound``)."""
-    while time.monotonic() - since < bound + 30:
+Sample = tuple[float, int, float]  # (start after the kill, getent's exit code, its seconds)
+
+
+def _lookup_ok_after(lab: Lab, since: float) -> tuple[float, list[Sample]]:
+    """Seconds after ``since`` until a lookup from pod 0 succeeds, and every attempt till then.
+
+    Serial lookups with one-second resolver timeouts (see `_point_pods_at`); gives up 30 s
+    after the switch would have expired. A lookup stuck in the kernel (the soft lockup this
+    phase once hit) ends the test through pod_run's own timeout.
+    """
+    samples: list[Sample] = []
+    while time.monotonic() - since < ALIVE_SECONDS + 30:
         t = time.monotonic()
         r = lab.pod_run(0, ["getent", "ahosts", "svc-1.default.svc.cluster.local."],
                         check=False, timeout=30)
-        if r.returncode == 0 and time.monotonic() - t < 1.0:
-            return t - since
-    raise AssertionError("lookups never recovered")
+        samples.append((round(t - since, 2), r.returncode, round(time.monotonic() - t, 2)))
+        if r.returncode == 0:
+            return t - since, samples
+    raise AssertionError(f"lookups never recovered: {samples}")
+
+
+def _no_failure_after_expiry(samples: list[Sample]) -> None:
+    """Every lookup that started once the switch had expired succeeded.
+
+    The switch expires at most ALIVE_SECONDS after the last refresh, so after the kill. That,
+    not the time of the first success, is the bound: the first success also waits for the
+    lookup running at the expiry to time out: 1 s plus process start, which the emulated
+    guest stretches to 2 s in all when the host is busy. (A 3 s bound on the first success,
+    which this replaces, was met with 2.7-2.84 s in 3 of 12 rounds on a busy host and missed
+    once, at 5.3 s.)
+    """
+    late = [s for s in samples if s[1] != 0 and s[0] > ALIVE_SECONDS + 0.5]
+    assert not late, samples
 
 
 @pytest.mark.parametrize("backend", ["iptables-nft"], indirect=True)
@@ -141,14 +165,23 @@ def test_nodelocal_link_local_falls_back_to_the_cluster_ip(lab: Lab, tmp_path: P
         pid = status(lab, args)["cache"]["pid"]
         killed = time.monotonic()
         os.kill(int(pid), signal.SIGKILL)  # type: ignore[arg-type]
-        took = _lookup_ok_after(lab, killed, 3.0)
-        print(f"\nipvs nodelocal: cache killed, link-local lookups work again after {took:.2f}s")
-        assert took <= 3.0
+        took, samples = _lookup_ok_after(lab, killed)
+        print(f"\nipvs nodelocal: cache killed, link-local lookups work again after {took:.2f}s "
+              f"(start, exit code, seconds: {samples})")
+        _no_failure_after_expiry(samples)
 
-        # Not here: agent and cache killed together (only the switch's expiry restores DNS).
-        # That passed once in this guest (1.33 s) and once sent the guest kernel (Debian 6.1,
-        # under TCG) into a soft lockup in a pod's getent; it is tested on the host kernel for
-        # iptables and nftables modes (test_nodelocal.py) until the lockup is understood.
+        # agent and cache die together (the agent frozen first: nobody withdraws)
+        wait_for(lambda: (status(lab, args).get("cache") or {}).get("intercepting") is True,
+                 timeout=60)
+        pid = status(lab, args)["cache"]["pid"]
+        os.kill(proc.pid, signal.SIGSTOP)
+        killed = time.monotonic()
+        os.kill(int(pid), signal.SIGKILL)  # type: ignore[arg-type]
+        os.kill(proc.pid, signal.SIGKILL)
+        took, samples = _lookup_ok_after(lab, killed)
+        print(f"ipvs nodelocal: agent+cache killed, lookups work again after {took:.2f}s "
+              f"(start, exit code, seconds: {samples})")
+        _no_failure_after_expiry(samples)
     finally:
         if proc.poll() is None:
             stop_agent(proc)

@@ -153,7 +153,10 @@ KERNEL_CMDLINE = (
     "console=ttyS0",
     "rdinit=/init",
     "panic=-1",
-    "loglevel=4",
+    # 5, not 4: stack traces print at the default message level (4), so at 4 a soft lockup
+    # or hung-task report reached the console as one line, without its stack.
+    "loglevel=5",
+    "softlockup_all_cpu_backtrace=1",
     "mitigations=off",
     "nokaslr",
     "8250.nr_uarts=1",
@@ -164,6 +167,11 @@ KERNEL_CMDLINE = (
 )
 
 _CMD_TIMEOUT = 300.0
+
+# A guest kernel that reports a soft lockup is given this long to print its stacks (and to
+# recover, which a real lockup does not), then the run ends with VMError instead of its timeout.
+LOCKUP_MARKER = "BUG: soft lockup"
+LOCKUP_GRACE = 60.0
 
 
 class VMError(RuntimeError):
@@ -702,6 +710,47 @@ def _pump(path: Path, pos: int, stream: TextIO) -> int:
     return pos + len(data)
 
 
+class _LockupWatch:
+    """Notices the guest kernel's first soft lockup report on the console.
+
+    A lockup that lasts (a CPU spinning in the kernel) never powers the guest off: without
+    this the run would sit out its whole timeout (40 min for the IPVS suite). Reads only what
+    the console gained since the last call, and keeps a tail across reads so a marker split
+    between two reads is still seen.
+    """
+
+    def __init__(self, console: Path) -> None:
+        self.console = console
+        self.pos = 0
+        self.tail = ""
+        self.seen_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        """True once a lockup was reported at least LOCKUP_GRACE seconds before ``now``."""
+        if self.seen_at is None:
+            try:
+                with self.console.open("rb") as f:
+                    f.seek(self.pos)
+                    data = f.read()
+            except OSError:
+                data = b""
+            self.pos += len(data)
+            text = self.tail + data.decode(errors="replace")
+            if LOCKUP_MARKER in text:
+                self.seen_at = now
+            self.tail = text[-len(LOCKUP_MARKER):]
+        return self.seen_at is not None and now - self.seen_at >= LOCKUP_GRACE
+
+
+def _lockup_excerpt(console: str, lines: int = 60) -> str:
+    """The console from the first soft lockup report on (its stacks), else the tail."""
+    at = console.find(LOCKUP_MARKER)
+    if at == -1:
+        return _tail(console, lines)
+    start = console.rfind("\n", 0, at) + 1
+    return "\n".join(console[start:].splitlines()[: lines * 2])
+
+
 def _copy_out(job: Path, out_dir: str | os.PathLike[str] | None) -> None:
     if out_dir is not None:
         shutil.copytree(job / "out", Path(out_dir), dirs_exist_ok=True, symlinks=True)
@@ -764,25 +813,29 @@ def run(
             )
             deadline = start + timeout
             streamed = 0
+            lockup = _LockupWatch(console_path)
             try:
                 while True:
                     left = deadline - time.monotonic()
                     try:
-                        proc.wait(timeout=max(0.0, min(left, 0.25 if stream else left)))
+                        proc.wait(timeout=max(0.0, min(left, 0.25 if stream else 1.0)))
                         break
                     except subprocess.TimeoutExpired:
                         if stream is not None:
                             streamed = _pump(ctl / "output", streamed, stream)
-                        if time.monotonic() < deadline:
+                        stuck = lockup.expired(time.monotonic())
+                        if time.monotonic() < deadline and not stuck:
                             continue
                     proc.kill()  # SIGKILL to our own qemu, by its PID
                     proc.wait(timeout=30)
                     output, console = _read(ctl / "output"), _read(console_path)
                     _copy_out(job, out_dir)
+                    why = (f"reported a soft lockup {LOCKUP_GRACE:.0f}s ago" if stuck
+                           else f"still running after {timeout:.0f}s")
                     raise VMTimeoutError(
-                        f"VM (qemu pid {proc.pid}) still running after {timeout:.0f}s, killed.\n"
+                        f"VM (qemu pid {proc.pid}) {why}, killed.\n"
                         f"--- script output (tail) ---\n{_tail(output)}\n"
-                        f"--- console (tail) ---\n{_tail(console)}",
+                        f"--- console (tail) ---\n{_lockup_excerpt(console)}",
                         pid=proc.pid,
                         output=output,
                         console=console,
