@@ -234,7 +234,9 @@ def run_paced(
 
     A lookup slot that finds `max_in_flight` lookups already running is skipped, not queued
     (the gap then shows in the samples). Returns after every started lookup finished, or
-    `grace` seconds after `duration`; stuck lookups are counted as `unfinished`.
+    `grace` seconds after `duration`; stuck lookups are counted as `unfinished`, and appear
+    in the samples as failed at the moment they were abandoned (a lookup that never returns
+    is the worst failure there is, not a missing data point).
     """
     if not names or interval <= 0 or duration <= 0 or max_in_flight < 1:
         raise ValueError("need names, interval > 0, duration > 0 and max_in_flight >= 1")
@@ -243,14 +245,18 @@ def run_paced(
     failures: list[Failure] = []
     in_flight = threading.BoundedSemaphore(max_in_flight)
     threads: list[threading.Thread] = []
+    running: dict[int, tuple[float, str]] = {}
     started = time.time()
     t0 = time.monotonic()
 
-    def one(name: str) -> None:
+    def one(i: int, name: str) -> None:
         try:
             t = time.monotonic()
+            with lock:
+                running[i] = (t, name)
             latency, error = _resolve(name)
             with lock:
+                del running[i]
                 done.append(Sample(t, t + latency, error is None, name))
                 if error is not None:
                     failures.append(Failure(name, latency, error))
@@ -261,7 +267,7 @@ def run_paced(
     next_at = t0
     while next_at < t0 + duration:
         if in_flight.acquire(blocking=False):
-            th = threading.Thread(target=one, args=(names[i % len(names)],), daemon=True)
+            th = threading.Thread(target=one, args=(i, names[i % len(names)]), daemon=True)
             th.start()
             threads.append(th)
         i += 1
@@ -271,10 +277,13 @@ def run_paced(
     for th in threads:
         th.join(timeout=max(end_by - time.monotonic(), 0))
     with lock:
+        now = time.monotonic()
+        stuck = [Sample(t, now, False, name) for t, name in running.values()]
         ok = tuple(x.latency for x in done if x.ok)
         return WorkerResult(ok, tuple(failures), started, time.time(),
-                            unfinished=sum(1 for th in threads if th.is_alive()), label=label,
-                            samples=tuple(done) if samples else ())
+                            unfinished=len(stuck), label=label,
+                            samples=tuple(sorted(done + stuck, key=lambda x: x.start))
+                            if samples else ())
 
 
 def _parser() -> argparse.ArgumentParser:
