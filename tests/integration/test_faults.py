@@ -75,8 +75,11 @@ BACKENDS = ("iptables-nft", "nftables")
 LINK_BOUND = 2.0
 #: today's recovery after a process fault (tests/integration/test_nodelocal.py)
 PROCESS_BOUND = 3.0
-#: how long every CoreDNS pod stays down
-OUTAGE = float(os.environ.get("DNSGUARD_FAULTS_OUTAGE", "60"))
+#: how long every CoreDNS pod stays down: the issue's 60 s on the first backend; the second
+#: only differs in how the switch is written, so 20 s (over 3 TTLs and 2 upstream probes)
+#: keeps the suite short. ``$DNSGUARD_FAULTS_OUTAGE`` sets both (shorter while developing).
+OUTAGE = {b: float(os.environ.get("DNSGUARD_FAULTS_OUTAGE", d))
+          for b, d in zip(BACKENDS, ("60", "20"), strict=True)}
 #: a new name during the outage must get its SERVFAIL within this many seconds
 SERVFAIL_BOUND = 2.0
 #: the cache's hit ratio across a CoreDNS rollout must stay above this
@@ -187,12 +190,12 @@ def _restart_agent(flab: FaultLab, agent: Agent) -> None:
 
 
 FAULTS = (
-    Fault("link-deleted", lambda f, a: _ip(f, "link", "del", "dnsguard0"), None, 6.0, "link"),
+    Fault("link-deleted", lambda f, a: _ip(f, "link", "del", "dnsguard0"), None, 5.0, "link"),
     Fault("link-addresses-removed", lambda f, a: _ip(f, "addr", "flush", "dev", "dnsguard0"),
-          None, 6.0, "link"),
-    Fault("link-down", lambda f, a: _ip(f, "link", "set", "dnsguard0", "down"), None, 6.0,
+          None, 5.0, "link"),
+    Fault("link-down", lambda f, a: _ip(f, "link", "set", "dnsguard0", "down"), None, 5.0,
           "link"),
-    Fault("table-reads-5s", lambda f, a: f.slow.on(), lambda f, a: f.slow.off(), 12.0,
+    Fault("table-reads-5s", lambda f, a: f.slow.on(), lambda f, a: f.slow.off(), 10.0,
           "no-kube-proxy", extra=("--sync-interval", "2")),
     Fault("unbound-hung", _hang_unbound, _resume_unbound, 5.0, "process"),
     Fault("unbound-killed", _kill_unbound, None, 5.0, "process"),
@@ -200,7 +203,7 @@ FAULTS = (
 )
 
 STEADY = 1.5
-AFTER = 3.0
+AFTER = 2.5
 #: interpreter start-up of the load workers, before the first phase
 WARMUP = 1.5
 
@@ -249,6 +252,17 @@ def test_fault_under_load(flab: FaultLab, node_agent: Callable[..., Agent], faul
         assert agent.cache().get("intercepting") is True
 
 
+def _runs(states: list[tuple[float, str]]) -> list[str]:
+    """``["ok from 0.0s", "serving-stale from 9.2s"]``: each change of state, when seen."""
+    out: list[str] = []
+    last = None
+    for at, st in states:
+        if st != last:
+            out.append(f"{st} from {at}s")
+            last = st
+    return out
+
+
 def _summary(agent: Agent) -> str:
     c = agent.cache()
     keys = ("intercepting", "reason", "upstream", "link", "restarts", "fail_opens")
@@ -270,7 +284,8 @@ def test_coredns_down_serves_stale_and_servfails_new_names(
     assert warm.summary().failed == 0
     cluster_ip = str(lab.dns_ips[0])
 
-    seconds = WARMUP + STEADY + OUTAGE + ttl + 6.0
+    outage = OUTAGE[flab.backend]
+    seconds = WARMUP + STEADY + outage + ttl + 6.0
     load = PhasedLoad(lab, seen, seconds, interval=0.05)
     load.until(load.began + WARMUP)
     t = load.next_phase("steady")
@@ -279,18 +294,21 @@ def test_coredns_down_serves_stale_and_servfails_new_names(
     for i in lab.service_endpoints:
         lab.stop_dns(i)
     new_names: list[tuple[str, Answer, float]] = []
-    upstream_states: set[str] = set()
-    k = 0
-    while time.monotonic() < down + OUTAGE - 1.0:
-        # a name nobody asked for yet: the cache cannot have it, only an upstream could
-        name = f"never-seen-{k}.default.svc.cluster.local"
-        k += 1
-        t0 = time.monotonic()
-        ans = dig(lab, k % len(lab.pod_netns), cluster_ip, name, timeout=5)
-        new_names.append((name, ans, time.monotonic() - t0))
-        upstream_states.add(str(agent.cache().get("upstream")))
-        load.until(min(time.monotonic() + max(OUTAGE / 6, 1.0), down + OUTAGE - 1.0))
-    load.until(down + OUTAGE)
+    # (seconds into the outage, cache.upstream): the agent needs a probe or two to notice
+    upstream_states: list[tuple[float, str]] = []
+    next_name = down
+    while time.monotonic() < down + outage - 1.0:
+        if time.monotonic() >= next_name:
+            # a name nobody asked for yet: the cache cannot have it, only an upstream could
+            name = f"never-seen-{len(new_names)}.default.svc.cluster.local"
+            t0 = time.monotonic()
+            ans = dig(lab, len(new_names) % len(lab.pod_netns), cluster_ip, name, timeout=5)
+            new_names.append((name, ans, time.monotonic() - t0))
+            next_name = t0 + max(outage / 6, 1.0)
+        upstream_states.append((round(time.monotonic() - down, 1),
+                                str(agent.cache().get("upstream"))))
+        load.until(min(time.monotonic() + 1.0, down + outage - 1.0))
+    load.until(down + outage)
     load.next_phase("coredns-back")
     for i in lab.service_endpoints:
         lab.start_dns(i, records={fresh_name: [fresh_addr]})
@@ -304,9 +322,9 @@ def test_coredns_down_serves_stale_and_servfails_new_names(
         time.sleep(0.1)
     phases, samples, unfinished = load.finish()
     row = FaultRow("coredns-down", flab.backend, phases, None, unfinished, agent.args, notes={
-        "outage_s": OUTAGE,
+        "outage_s": outage,
         "new_names": [f"{a.rcode} in {took:.2f}s" for _, a, took in new_names],
-        "upstream_state_during_outage": sorted(upstream_states),
+        "upstream_state_during_outage": _runs(upstream_states),
         "fresh_answer_after_s": None if fresh_after is None else round(fresh_after, 2),
         "answer_ttl": ttl, "agent": _summary(agent)})
     report(row, tmp_path)
@@ -318,7 +336,10 @@ def test_coredns_down_serves_stale_and_servfails_new_names(
         f"{[p.failed for p in row.phases]} per phase; status {agent.cache()}")
     assert new_names and all(a.rcode == "SERVFAIL" and took <= SERVFAIL_BOUND
                              for _, a, took in new_names), new_names
-    assert upstream_states == {"serving-stale"}, upstream_states
+    states = [st for _, st in upstream_states]
+    assert "serving-stale" in states and "failed-open" not in states, upstream_states
+    # once noticed, it holds for the rest of the outage
+    assert "ok" not in states[states.index("serving-stale"):], upstream_states
     assert fresh_after is not None and fresh_after <= ttl, (
         f"fresh answer {fresh_after}s after CoreDNS came back (TTL {ttl}s)")
 
@@ -438,7 +459,7 @@ def test_coredns_rollout_keeps_the_cache(xlab: FeatureLab, tmp_path: Path) -> No
                                    duration=30)
             assert warm.summary().failed == 0
             poller = StatsPoller(lab, state)
-            load = PhasedLoad(lab, names, WARMUP + 14.0, interval=0.01)
+            load = PhasedLoad(lab, names, WARMUP + 11.0, interval=0.01)
             load.until(load.began + WARMUP)
             t = load.next_phase("steady")
             load.until(t + 1.5)
