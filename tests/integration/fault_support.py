@@ -4,7 +4,7 @@ A fault run is one continuous open-loop lookup load from every pod (glibc getadd
 AAAA in parallel from one socket, a new lookup every few milliseconds whatever the others are
 doing), cut into phases by the moments the test acts (steady, fault injected, healed). Each
 phase reports its lookups (by start time), failures, lookups >= 1 s, and the conntrack entries
-pods created towards the DNS ClusterIP while it lasted (the table is flushed at each boundary):
+pods created towards the DNS ClusterIP while it lasted (its entries to the ClusterIP are deleted at each boundary):
 dnsguard's path creates none, so any entry is a lookup that lapsed to kube-proxy's path.
 
 Only pods' entries are counted: the agent itself may query the ClusterIP through kube-proxy's
@@ -155,6 +155,18 @@ def pod_conntrack(lab: Lab) -> int:
     return total
 
 
+def reset_conntrack(lab: Lab) -> None:
+    """Delete the node's conntrack entries towards the DNS ClusterIPs, and only those.
+
+    A full flush (``conntrack -F``) would also cut the cache's own upstream TCP connections
+    mid-stream, a disturbance of its own that would blur what the phase measures.
+    """
+    for ip in lab.dns_ips:
+        fam = "ipv6" if ip.version == 6 else "ipv4"
+        # exit status 1 when there was nothing to delete
+        lab.node_run(["conntrack", "-D", "-f", fam, "--orig-dst", str(ip)], check=False)
+
+
 # ------------------------------------------------------------------------------ phases
 
 @dataclass
@@ -232,8 +244,8 @@ def recovery(samples: Sequence[Sample], since: float) -> float | None:
 class PhasedLoad:
     """Continuous load from every pod, cut into named phases by `next_phase`.
 
-    The table is flushed at each boundary and counted at the next, so each phase's conntrack
-    figure is what pods' lookups created during it.
+    Entries to the ClusterIP are deleted at each boundary and counted at the next, so each
+    phase's conntrack figure is what pods' lookups created during it.
     """
 
     def __init__(self, lab: Lab, names: Sequence[str], seconds: float, *,
@@ -252,7 +264,7 @@ class PhasedLoad:
         if self.phases:
             self.phases[-1].end = now
             self.phases[-1].conntrack = pod_conntrack(self.lab)
-        self.lab.flush_conntrack()
+        reset_conntrack(self.lab)
         self.phases.append(PhaseStats(name, time.monotonic(), 0.0))
         return self.phases[-1].start
 
