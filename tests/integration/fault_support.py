@@ -4,8 +4,9 @@ A fault run is one continuous open-loop lookup load from every pod (glibc getadd
 AAAA in parallel from one socket, a new lookup every few milliseconds whatever the others are
 doing), cut into phases by the moments the test acts (steady, fault injected, healed). Each
 phase reports its lookups (by start time), failures, lookups >= 1 s, and the conntrack entries
-pods created towards the DNS ClusterIP while it lasted (its entries to the ClusterIP are deleted at each boundary):
-dnsguard's path creates none, so any entry is a lookup that lapsed to kube-proxy's path.
+pods created towards the DNS ClusterIP while it lasted (those entries are deleted at each
+boundary): dnsguard's path creates none, so any entry is a lookup that lapsed to kube-proxy's
+path.
 
 Only pods' entries are counted: the agent itself may query the ClusterIP through kube-proxy's
 path on purpose (its comparison probe), and that is not a pod's lookup lapsing.
