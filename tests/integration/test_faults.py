@@ -357,7 +357,9 @@ def test_coredns_down_serves_stale_and_servfails_new_names(
     assert "ok" not in states[states.index("serving-stale"):], upstream_states
     for server, took in fresh_after.items():
         assert took is not None and took <= ttl, (
-            f"fresh answer from {server} {took}s after CoreDNS came back (TTL {ttl}s)")
+            f"{server}: no fresh answer within {ttl}s (TTL) after CoreDNS came back "
+            f"({'never, in ' + str(ttl + 3) + 's' if took is None else str(took) + 's'}); "
+            f"upstream state after the return: {_runs(states_after)}")
     assert resumed(), (
         f"interception did not resume after CoreDNS came back: {_runs(states_after)}; "
         f"status {agent.cache()}")
