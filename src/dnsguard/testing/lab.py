@@ -69,6 +69,7 @@ __all__ = [
     "LabConfig",
     "LabError",
     "LabUnavailable",
+    "LoadRun",
     "dns_pod_ip",
     "lab_namespaces",
     "pod_ip",
@@ -170,6 +171,11 @@ class LabConfig:
     #: TTL of the CoreDNS pods' answers; CoreDNS's kubernetes plugin answers with 5 s (dnsmasq's
     #: own default, 0, would make every answer uncacheable for a node-local cache)
     answer_ttl: int = 5
+    #: Extra dnsmasq options for every CoreDNS pod: the lab's stand-in for Corefile
+    #: customisations (``--host-record=db.corp.internal,198.19.100.1`` for a private zone,
+    #: an override of a public name), which a node-local cache must keep answering as the
+    #: cluster DNS does.
+    dns_extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.iptables not in ("legacy", "nft"):
@@ -180,6 +186,11 @@ class LabConfig:
             raise ValueError(f"dns_servers must be in 1..{_MAX_DNS}")
         if not 1 <= self.names <= _MAX_NAMES:
             raise ValueError(f"names must be in 1..{_MAX_NAMES}")
+        if not 0 <= self.answer_ttl <= 86400:
+            raise ValueError("answer_ttl must be in 0..86400")
+        bad = [a for a in self.dns_extra_args if not a.startswith("--") or "\n" in a]
+        if bad:
+            raise ValueError(f"dns_extra_args must be dnsmasq long options, not {bad!r}")
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -336,6 +347,12 @@ class Lab:
         self._owner_file: Path | None = None
         self._procs: list[subprocess.Popen[str]] = []
         self._dns_procs: list[subprocess.Popen[str]] = []
+        # Per DNS pod: does it serve the lab's names (CoreDNS) or nothing at all (a node
+        # resolver that knows none of them), its extra options, and records replacing the
+        # default ones for the current start (`start_dns`).
+        self._dns_specs: list[_DnsSpec] = [_DnsSpec() for _ in range(self.config.dns_servers)]
+        #: DNS pods behind the Service (kube-proxy's endpoints), see `set_service_endpoints`.
+        self._endpoints: tuple[int, ...] = tuple(range(self.config.dns_servers))
         self._logs: list[IO[str]] = []
         self._lock = threading.Lock()
         self._started = False
@@ -506,9 +523,12 @@ class Lab:
     @property
     def dns_endpoints(self) -> tuple[IPAddress, ...]:
         """CoreDNS pod IPs, every family."""
-        return tuple(
-            dns_pod_ip(i, f) for f in self.families for i in range(self.config.dns_servers)
-        )
+        return tuple(dns_pod_ip(i, f) for f in self.families for i in self._endpoints)
+
+    @property
+    def service_endpoints(self) -> tuple[int, ...]:
+        """Indices of the DNS pods currently behind the DNS Service."""
+        return self._endpoints
 
     @property
     def pod_cidrs(self) -> tuple[IPNetwork, ...]:
@@ -645,6 +665,94 @@ class Lab:
 
     # ------------------------------------------------------------------ acting
 
+    def dns_running(self, i: int) -> bool:
+        """Whether DNS pod `i`'s dnsmasq is running."""
+        return self._dns_procs[i].poll() is None
+
+    def stop_dns(self, i: int) -> None:
+        """Stop DNS pod `i`'s dnsmasq (the process the lab started, by its PID).
+
+        The pod's namespace and address stay: like a CoreDNS container that died, queries
+        to it are refused (TCP RST, ICMP port unreachable) rather than unanswered.
+        """
+        p = self._dns_procs[i]
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
+    def start_dns(
+        self, i: int, records: dict[str, Sequence[IPAddress]] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """(Re)start DNS pod `i`'s dnsmasq and wait until it answers.
+
+        `records` (FQDN -> addresses) replace the lab's own records of those names for
+        this start, so a test can tell a fresh answer from a cached one.
+        """
+        if self.dns_running(i):
+            raise LabError(f"dnsmasq in {self.dns_netns[i]} is already running")
+        spec = self._dns_specs[i]
+        self._dns_specs[i] = _DnsSpec(spec.serve_names, spec.extra_args, tuple(
+            (name, tuple(str(a) for a in addrs)) for name, addrs in (records or {}).items()))
+        self._spawn_dns(i)
+        self._wait_dns_answering(i, timeout)
+
+    def add_dns_pod(
+        self, *, serve_names: bool = True, extra_args: Sequence[str] = (), timeout: float = 10.0,
+    ) -> int:
+        """Build one more DNS pod on the bridge, start its dnsmasq, return its index.
+
+        It is not behind the Service until `set_service_endpoints` says so: a CoreDNS pod of
+        a rollout before it is ready. With ``serve_names=False`` it knows no name at all
+        (NXDOMAIN for everything): a node resolver that knows nothing of the cluster.
+        """
+        i = len(self.dns_netns)
+        if i >= _MAX_DNS:
+            raise LabError(f"at most {_MAX_DNS} DNS pods")
+        if any(not a.startswith("--") or "\n" in a for a in extra_args):
+            raise ValueError(f"extra_args must be dnsmasq long options, not {extra_args!r}")
+        ns = f"{PREFIX}{self.id}-dns{i}"
+        self.dns_netns = (*self.dns_netns, ns)
+        self._dns_specs.append(_DnsSpec(serve_names, tuple(extra_args)))
+        self._build_pod(ns, f"vd{i}", [dns_pod_ip(i, f) for f in self.families])
+        self._spawn_dns(i)
+        self._wait_dns_answering(i, timeout)
+        return i
+
+    def set_service_endpoints(self, indices: Sequence[int]) -> None:
+        """Point the DNS Service at these DNS pods, as kube-proxy does after an
+        EndpointSlice change (its chains rewritten in place)."""
+        if not indices or any(not 0 <= i < len(self.dns_netns) for i in indices):
+            raise ValueError(f"endpoints must be DNS pods of this lab, not {list(indices)}")
+        self._endpoints = tuple(indices)
+        if self.proxy_mode is ProxyMode.IPVS:
+            self.node_run(["ipvsadm", "-C"])
+            self.node_run(["ipvsadm", "-R"],
+                          input=kubeproxy.ipvsadm_restore(list(self._services().values())))
+        self._install_kube_proxy(first=False)
+
+    def _wait_dns_answering(self, i: int, timeout: float) -> None:
+        """dnsmasq of pod `i` answers (any rcode) on each of its addresses."""
+        deadline = time.monotonic() + timeout
+        for fam in self.families:
+            while True:
+                proc = self._dns_procs[i]
+                if proc.poll() is not None:
+                    raise LabError(f"dnsmasq in {self.dns_netns[i]} exited {proc.returncode}:"
+                                   f"\n{self.dns_log(i)}")
+                cp = self.dns_run(i, ["dig", "+time=1", "+tries=1", f"@{dns_pod_ip(i, fam)}",
+                                      f"{service_fqdn(0)}.", "A"], check=False, timeout=5)
+                if "status: " in cp.stdout:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"dnsmasq in {self.dns_netns[i]} not answering on "
+                                   f"{dns_pod_ip(i, fam)}: {cp.stdout}{cp.stderr}")
+                time.sleep(0.05)
+
     def resync_kube_proxy(self) -> None:
         """Re-apply kube-proxy's rules as its periodic full sync would.
 
@@ -670,6 +778,27 @@ class Lab:
         `duration` seconds and gives up on stuck ones `grace` seconds later, so the whole
         call returns within about ``duration + grace`` seconds.
         """
+        return self.start_lookup_load(pods, names, count=count, concurrency=concurrency,
+                                      duration=duration, grace=grace).result()
+
+    def start_lookup_load(
+        self,
+        pods: Sequence[int] | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        count: int = 100,
+        concurrency: int = 4,
+        duration: float = 10.0,
+        grace: float = DEFAULT_GRACE,
+        interval: float | None = None,
+    ) -> LoadRun:
+        """Start the lookup workers and return at once; `LoadRun.result` collects them.
+
+        With `interval` each worker runs open loop (a lookup every `interval` seconds, at
+        most `concurrency` in flight, `count` ignored) and reports every lookup as a
+        `Sample`, so a test can inject a fault while pods resolve and line the lookups up
+        with it. Bounded like `lookup_load`.
+        """
         pods = list(range(self.config.pods)) if pods is None else list(pods)
         names = list(self.names) if names is None else list(names)
         env = dict(os.environ)
@@ -683,29 +812,16 @@ class Lab:
                 "--concurrency", str(concurrency), "--duration", str(duration),
                 "--grace", str(grace), "--label", f"pod{i}",
             ]
+            if interval is not None:
+                argv += ["--interval", str(interval), "--samples"]
             procs.append(self.popen_in(self.pod_netns[i], argv, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, env=env))
-        deadline = time.monotonic() + duration + grace + 15.0  # + interpreter start-up
-        results: list[WorkerResult] = []
-        errors: list[str] = []
-        for i, p in zip(pods, procs, strict=True):
-            try:
-                out, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out, err = p.communicate()
-                errors.append(f"pod{i}: worker did not finish in time")
-                continue
-            line = out.strip().splitlines()[-1] if out.strip() else ""
-            if p.returncode != 0 or not line:
-                errors.append(f"pod{i}: worker exited {p.returncode}: {err.strip()[-500:]}")
-                continue
-            results.append(WorkerResult.from_json(line, label=f"pod{i}"))
+        # + interpreter start-up
+        return LoadRun(self, pods, procs, time.monotonic() + duration + grace + 15.0)
+
+    def _forget(self, procs: Sequence[subprocess.Popen[str]]) -> None:
         with self._lock:
             self._procs = [p for p in self._procs if p not in procs]
-        if errors:
-            raise LabError("lookup load failed: " + "; ".join(errors))
-        return merge(results)
 
     # ------------------------------------------------------------------ building
 
@@ -839,6 +955,7 @@ class Lab:
         )
 
     def _dnsmasq_argv(self, i: int) -> list[str]:
+        spec = self._dns_specs[i]
         argv = [
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--bind-interfaces", "--pid-file=", "--log-facility=-", "--cache-size=0",
@@ -851,29 +968,41 @@ class Lab:
         argv += [f"--listen-address={dns_pod_ip(i, f)}" for f in self.families]
         if self.config.log_queries:
             argv.append("--log-queries")
+        if not spec.serve_names:
+            return argv + list(spec.extra_args)
+        records: dict[str, tuple[str, ...]] = {}
         for n in range(self.config.names):
             a = service_addresses(n)
-            argv.append(f"--host-record={service_fqdn(n)},{a[Family.V4]},{a[Family.V6]}")
-        return argv
+            records[service_fqdn(n)] = (str(a[Family.V4]), str(a[Family.V6]))
+        records.update(spec.records)
+        argv += [f"--host-record={name},{','.join(addrs)}" for name, addrs in records.items()]
+        return argv + list(self.config.dns_extra_args) + list(spec.extra_args)
 
     def _start_dns(self) -> None:
+        for i in range(len(self.dns_netns)):
+            self._spawn_dns(i)
+
+    def _spawn_dns(self, i: int) -> None:
         assert self.workdir is not None
-        for i, ns in enumerate(self.dns_netns):
-            log = (self.workdir / f"dnsmasq-{i}.log").open("w")
-            self._logs.append(log)
-            p = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *self._dnsmasq_argv(i)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, text=True,
-                start_new_session=True,
-            )
-            self._dns_procs.append(p)
+        log = (self.workdir / f"dnsmasq-{i}.log").open("a")
+        self._logs.append(log)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.dns_netns[i], *self._dnsmasq_argv(i)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, text=True,
+            start_new_session=True,
+        )
+        with self._lock:
+            if i < len(self._dns_procs):
+                self._dns_procs[i] = p
+            else:
+                self._dns_procs.append(p)
 
     def _wait_dns_ready(self, timeout: float = 10.0) -> None:
         """Each dnsmasq answers on each of its addresses, and the ClusterIP works from a
         pod: the lab is only handed out once DNS through the Service works."""
         expect = service_addresses(0)
         deadline = time.monotonic() + timeout
-        pending = [(i, f) for i in range(self.config.dns_servers) for f in self.families]
+        pending = [(i, f) for i in range(len(self.dns_netns)) for f in self.families]
         while pending:
             i, fam = pending[0]
             proc = self._dns_procs[i]
@@ -900,7 +1029,7 @@ class Lab:
     def _services(self) -> dict[Family, kubeproxy.Service]:
         return {
             f: kubeproxy.kube_dns(
-                DNS_CLUSTER_IPS[f], [dns_pod_ip(i, f) for i in range(self.config.dns_servers)]
+                DNS_CLUSTER_IPS[f], [dns_pod_ip(i, f) for i in self._endpoints]
             )
             for f in self.families
         }
@@ -949,6 +1078,48 @@ class Lab:
         self._sysctl(ns, "net.ipv4.vs.conntrack=1", "net.ipv4.vs.expire_nodest_conn=1",
                      "net.ipv4.vs.expire_quiescent_template=1")
         self.node_run(["ipvsadm", "-R"], input=kubeproxy.ipvsadm_restore(list(services.values())))
+
+
+class LoadRun:
+    """Lookup workers running in pods (`Lab.start_lookup_load`); `result` waits for them."""
+
+    def __init__(self, lab: Lab, pods: Sequence[int], procs: list[subprocess.Popen[str]],
+                 deadline: float) -> None:
+        self.lab = lab
+        self.pods = list(pods)
+        self.procs = procs
+        self.deadline = deadline
+
+    def result(self) -> LoadResult:
+        """Wait for every worker (killing one that overruns its bound) and merge."""
+        results: list[WorkerResult] = []
+        errors: list[str] = []
+        for i, p in zip(self.pods, self.procs, strict=True):
+            try:
+                out, err = p.communicate(timeout=max(self.deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+                errors.append(f"pod{i}: worker did not finish in time")
+                continue
+            line = out.strip().splitlines()[-1] if out.strip() else ""
+            if p.returncode != 0 or not line:
+                errors.append(f"pod{i}: worker exited {p.returncode}: {err.strip()[-500:]}")
+                continue
+            results.append(WorkerResult.from_json(line, label=f"pod{i}"))
+        self.lab._forget(self.procs)
+        if errors:
+            raise LabError("lookup load failed: " + "; ".join(errors))
+        return merge(results)
+
+
+@dataclass(frozen=True)
+class _DnsSpec:
+    """How one DNS pod's dnsmasq is started (see `Lab.start_dns`, `Lab.add_dns_pod`)."""
+
+    serve_names: bool = True
+    extra_args: tuple[str, ...] = ()
+    records: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _owner_alive(owner_file: Path) -> bool:

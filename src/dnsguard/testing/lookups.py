@@ -11,6 +11,12 @@ both packets race to create the same conntrack entry on the node. That race (the
 dropped as INVALID by kube-proxy's forward filter) is what costs pods 5 s DNS timeouts and
 what dnsguard exists to remove. A resolver library or `dig` would not reproduce it.
 
+With ``--interval`` the worker runs open loop instead: a new lookup starts every interval
+whatever the others are doing (at most ``--concurrency`` in flight), so lookups stuck in a
+resolver retry cannot hide what lookups started meanwhile see; with ``--samples`` each lookup
+is reported as (start, end, ok, name) on the monotonic clock, which every namespace on the
+host shares, so a test can line lookups up with the moment it injected a fault.
+
 The worker is bounded twice: it starts at most `count` lookups and none after `duration`
 seconds; lookups still stuck in the resolver `grace` seconds after that are abandoned (and
 counted as `unfinished`) and the process exits on its own. Results go to stdout as one JSON
@@ -36,7 +42,8 @@ from typing import Any
 
 from dnsguard.stats import SLOW_SECONDS, Summary, summarize
 
-__all__ = ["Failure", "LoadResult", "WorkerResult", "main", "merge", "run_worker"]
+__all__ = ["Failure", "LoadResult", "Sample", "WorkerResult", "main", "merge", "run_paced",
+           "run_worker"]
 
 #: Seconds the worker waits for in-flight lookups after `duration` before abandoning them:
 #: long enough for one full glibc retry (timeout 5 s) so that races show up as slow
@@ -54,6 +61,20 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One lookup on the host's monotonic clock (shared by every network namespace)."""
+
+    start: float
+    end: float
+    ok: bool
+    name: str
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
 class WorkerResult:
     """What one worker (one pod) reports. Times are wall-clock epoch seconds."""
 
@@ -63,6 +84,8 @@ class WorkerResult:
     ended: float
     unfinished: int = 0
     label: str = ""
+    #: per lookup, when asked for (``--samples``); lookups left unfinished are not included
+    samples: tuple[Sample, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -73,6 +96,7 @@ class WorkerResult:
                 "unfinished": self.unfinished,
                 "latencies": self.latencies,
                 "failures": [[f.name, f.latency, f.error] for f in self.failures],
+                "samples": [[x.start, x.end, x.ok, x.name] for x in self.samples],
             },
             separators=(",", ":"),
         )
@@ -87,6 +111,8 @@ class WorkerResult:
             ended=float(data["ended"]),
             unfinished=int(data["unfinished"]),
             label=label or str(data.get("label", "")),
+            samples=tuple(Sample(float(a), float(b), bool(ok), str(n))
+                          for a, b, ok, n in data.get("samples", ())),
         )
 
 
@@ -100,6 +126,7 @@ class LoadResult:
     ended: float
     unfinished: int = 0
     workers: tuple[WorkerResult, ...] = field(default=(), repr=False)
+    samples: tuple[Sample, ...] = field(default=(), repr=False)
 
     @property
     def wall(self) -> float:
@@ -127,6 +154,7 @@ def merge(results: Sequence[WorkerResult]) -> LoadResult:
         ended=max(r.ended for r in results),
         unfinished=sum(r.unfinished for r in results),
         workers=tuple(results),
+        samples=tuple(sorted((x for r in results for x in r.samples), key=lambda x: x.start)),
     )
 
 
@@ -192,6 +220,72 @@ def run_worker(
                             unfinished=len(pending), label=label)
 
 
+def run_paced(
+    names: Sequence[str],
+    *,
+    interval: float,
+    duration: float,
+    max_in_flight: int,
+    grace: float = DEFAULT_GRACE,
+    label: str = "",
+    samples: bool = True,
+) -> WorkerResult:
+    """Open loop: start a lookup of the next name every `interval` seconds for `duration`.
+
+    A lookup slot that finds `max_in_flight` lookups already running is skipped, not queued
+    (the gap then shows in the samples). Returns after every started lookup finished, or
+    `grace` seconds after `duration`; stuck lookups are counted as `unfinished`, and appear
+    in the samples as failed at the moment they were abandoned (a lookup that never returns
+    is the worst failure there is, not a missing data point).
+    """
+    if not names or interval <= 0 or duration <= 0 or max_in_flight < 1:
+        raise ValueError("need names, interval > 0, duration > 0 and max_in_flight >= 1")
+    lock = threading.Lock()
+    done: list[Sample] = []
+    failures: list[Failure] = []
+    in_flight = threading.BoundedSemaphore(max_in_flight)
+    threads: list[threading.Thread] = []
+    running: dict[int, tuple[float, str]] = {}
+    started = time.time()
+    t0 = time.monotonic()
+
+    def one(i: int, name: str) -> None:
+        try:
+            t = time.monotonic()
+            with lock:
+                running[i] = (t, name)
+            latency, error = _resolve(name)
+            with lock:
+                del running[i]
+                done.append(Sample(t, t + latency, error is None, name))
+                if error is not None:
+                    failures.append(Failure(name, latency, error))
+        finally:
+            in_flight.release()
+
+    i = 0
+    next_at = t0
+    while next_at < t0 + duration:
+        if in_flight.acquire(blocking=False):
+            th = threading.Thread(target=one, args=(i, names[i % len(names)]), daemon=True)
+            th.start()
+            threads.append(th)
+        i += 1
+        next_at += interval
+        time.sleep(max(next_at - time.monotonic(), 0))
+    end_by = t0 + duration + grace
+    for th in threads:
+        th.join(timeout=max(end_by - time.monotonic(), 0))
+    with lock:
+        now = time.monotonic()
+        stuck = [Sample(t, now, False, name) for t, name in running.values()]
+        ok = tuple(x.latency for x in done if x.ok)
+        return WorkerResult(ok, tuple(failures), started, time.time(),
+                            unfinished=len(stuck), label=label,
+                            samples=tuple(sorted(done + stuck, key=lambda x: x.start))
+                            if samples else ())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--names", required=True, help="comma-separated names to resolve")
@@ -201,14 +295,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                    help="seconds to wait for in-flight lookups after --duration")
     p.add_argument("--label", default="", help="echoed in the result (e.g. the pod)")
+    p.add_argument("--interval", type=float, default=None,
+                   help="open loop: start a lookup every INTERVAL seconds "
+                        "(--concurrency caps those in flight; --count is ignored)")
+    p.add_argument("--samples", action="store_true",
+                   help="report each lookup's start, end, outcome and name")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     names = [n for n in args.names.split(",") if n]
-    result = run_worker(names, args.count, concurrency=args.concurrency,
-                        duration=args.duration, grace=args.grace, label=args.label)
+    if args.interval is not None:
+        result = run_paced(names, interval=args.interval, duration=args.duration,
+                           max_in_flight=args.concurrency, grace=args.grace, label=args.label,
+                           samples=args.samples)
+    else:
+        result = run_worker(names, args.count, concurrency=args.concurrency,
+                            duration=args.duration, grace=args.grace, label=args.label)
     sys.stdout.write(result.to_json() + "\n")
     sys.stdout.flush()
     # Abandoned lookups live in non-daemon pool threads; do not wait for them.
