@@ -48,6 +48,9 @@ class Process:
         self.starts = 0
         self.fail_start: str | None = None
         self.reloads = 0
+        self.flushes = 0
+        #: what forgetting the down upstreams does to the world (a checker's path comes back)
+        self.on_flush: Callable[[], None] | None = None
         self._pid = 0
 
     @property
@@ -81,6 +84,11 @@ class Process:
 
     def write_config(self, text: str) -> bool:
         return True
+
+    def forget_down_upstreams(self) -> None:
+        self.flushes += 1
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 class Checker:
@@ -340,7 +348,8 @@ def test_cache_path_broken_while_kube_proxy_path_answers_fails_open_after_two_pr
     assert node.state.intercepting and node.state.upstream == "unknown"
     node.check.asked.clear()
     node.rt.probe_upstream()
-    assert node.check.asked == ["upstream", "bypass 198.18.1.10"]
+    # kube-proxy's path answers: unbound forgets the upstreams it marked down, is asked again
+    assert node.check.asked == ["upstream", "bypass 198.18.1.10", "upstream"]
     node.beat()
     assert node.state.upstream == Upstream.FAILED_OPEN.value
     assert not node.state.intercepting and node.switch.on == set()
@@ -475,3 +484,22 @@ def test_withdrawing_some_addresses_counts_as_a_fail_open_once(node: Node) -> No
     node.check.down = {}
     node.beat()
     assert node.state.intercepting and node.state.fail_opens == 1
+
+
+def test_upstreams_unbound_still_holds_as_down_are_forgotten_before_failing_open(
+        node: Node) -> None:
+    """After a CoreDNS outage unbound keeps its upstreams marked down for minutes: the cache
+    path fails while kube-proxy's path answers again. Forgetting (flush_infra) brings the cache
+    back; failing open would send every pod to kube-proxy's path for nothing."""
+    node.check.cache_path = node.check.proxy_path = False
+    node.rt.probe_upstream()
+    node.beat()
+    assert node.state.upstream == Upstream.SERVING_STALE.value
+    node.check.proxy_path = True  # CoreDNS is back; unbound answers only once it forgets
+    node.proc.on_flush = lambda: setattr(node.check, "cache_path", True)
+    for _ in range(3):
+        node.rt.probe_upstream()
+        node.beat()
+    assert node.proc.flushes == 1
+    assert node.state.upstream == Upstream.OK.value and node.state.intercepting
+    assert node.switch.on == set(LISTEN)

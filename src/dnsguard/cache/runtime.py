@@ -113,6 +113,10 @@ class CacheProcess(Protocol):
 
     def write_config(self, text: str) -> bool: ...
 
+    def forget_down_upstreams(self) -> None:
+        """Drop what the daemon learnt about unreachable upstreams (unbound: ``flush_infra``)."""
+        ...
+
 
 class Switch(Protocol):
     """The dead man's switch (`dnsguard.netfilter.alive.AliveSwitch`)."""
@@ -416,6 +420,17 @@ class CacheRuntime:
         else:
             self._set_upstream(Upstream.SERVING_STALE,
                                f"{why}; kube-proxy's path fails too ({'; '.join(others)})")
+            return
+        # The cluster DNS answers, the cache does not reach it: most often unbound still holds
+        # the upstreams as down from an outage that has ended (its infra cache keeps that for
+        # minutes). Forget that and ask again before failing open; failing open is for a cache
+        # path that stays broken.
+        self.unbound.forget_down_upstreams()
+        if self.checker.upstream(spec.health_port, spec.cluster_domain) is None:
+            log.info("the cache reaches the cluster DNS again after forgetting the upstreams it "
+                     "had marked down")
+            self._upstream_failures = 0
+            self._set_upstream(Upstream.OK, "")
             return
         if self._upstream_failures >= UPSTREAM_FAILURES_TO_FAIL_OPEN:
             self._set_upstream(Upstream.FAILED_OPEN, f"{why} while kube-proxy's path answers")

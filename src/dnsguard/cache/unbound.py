@@ -267,8 +267,16 @@ class Unbound:
         log.warning("unbound reloaded its config and flushed its cache: %s", why)
         return f"full reload ({why})"
 
-    def _control(self, command: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self._tool("control"), "-c", str(self.conf), command],
+    def forget_down_upstreams(self) -> None:
+        """``flush_infra all``: unbound stops treating upstreams as down (after an outage it
+        keeps them so for up to infra-host-ttl, serving stale answers or SERVFAIL meanwhile)."""
+        res = self._control("flush_infra", "all")
+        if res.returncode != 0 or res.stdout.startswith("error"):
+            log.warning("unbound-control flush_infra failed: %s",
+                        (res.stderr or res.stdout).strip())
+
+    def _control(self, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self._tool("control"), "-c", str(self.conf), *command],
                               capture_output=True, text=True, timeout=30, check=False)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -160,6 +160,10 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         lines.append("    serve-expired: no")
     lines += [
         "    prefetch: yes",
+        # an upstream unbound finds down is otherwise left alone for infra-host-ttl (15 min):
+        # after a CoreDNS outage the cache would keep serving stale answers while CoreDNS is
+        # back; probing it keeps the return within one probe (the agent also flush_infra's)
+        "    infra-keep-probing: yes",
         "    minimal-responses: yes",
         "    qname-minimisation: no",
         '    module-config: "iterator"',
