@@ -127,11 +127,25 @@ def stop_agent(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
 
 
 def conntrack_to(lab: Lab, addr: str, port: int = 53) -> int:
-    """Entries on the node whose original destination is ``addr:port`` (UDP or TCP)."""
+    """Entries on the node whose original destination is ``addr:port`` (UDP or TCP): lookups
+    that took kube-proxy's path.
+
+    The agent's own queries are left out: its health query before the first sync and its
+    probe of kube-proxy's path (only while the cache cannot reach the cluster DNS) leave the
+    node from the intercepted address itself (it is local on dnsguard0), so they carry
+    ``src=ADDR``; no pod's lookup does.
+    """
     fam = "ipv6" if ":" in addr else "ipv4"
     out = lab.node_run(["conntrack", "-L", "-f", fam, "--orig-dst", addr], check=False).stdout
     return sum(1 for ln in out.splitlines()
-               if re.search(rf"\bdport={port}\b", ln) and ln.split()[0] in ("udp", "tcp"))
+               if re.search(rf"\bdport={port}\b", ln) and ln.split()[0] in ("udp", "tcp")
+               and _orig_src(ln) != addr)
+
+
+def _orig_src(line: str) -> str:
+    """The original direction's source in a ``conntrack -L`` line (the first ``src=``)."""
+    m = re.search(r"\bsrc=(\S+)", line)
+    return m.group(1) if m else ""
 
 
 #: Sends one operation to the fake API server: ``call("put_service", ns, name, ips, ...)``.

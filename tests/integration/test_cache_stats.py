@@ -93,9 +93,12 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
         assert "rules       in sync" in view and "intercept   yes" in view
         assert re.search(r"cache       [\d.]+ queries/s, hit ratio", view), view
 
-        # the "." upstream stops answering: its timeouts and SERVFAILs are counted
-        dnsmasq = lab._dns_procs[0].pid  # ip netns exec execs dnsmasq: same PID
-        os.kill(dnsmasq, signal.SIGSTOP)
+        # the "." upstreams stop answering: their timeouts and SERVFAILs are counted. "." goes
+        # to every cluster DNS endpoint (the cache answers as the cluster DNS does), so all of
+        # them stop: with one left, unbound would pick it by its RTT and never time out
+        dnsmasqs = [p.pid for p in lab._dns_procs]  # ip netns exec execs dnsmasq: same PID
+        for pid in dnsmasqs:
+            os.kill(pid, signal.SIGSTOP)
         try:
             for i in range(3):
                 lab.pod_run(0, ["dig", "+time=3", "+tries=1", f"stopped{i}.example.org"],
@@ -103,7 +106,8 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
             wait_for(lambda: get(scrape(lab), "dnsguard_cache_upstream_timeouts_total", **dot)
                      >= 1, timeout=20)
         finally:
-            os.kill(dnsmasq, signal.SIGCONT)
+            for pid in dnsmasqs:
+                os.kill(pid, signal.SIGCONT)
         faulted = scrape(lab)
         assert get(faulted, "dnsguard_cache_upstream_rto_seconds", **dot) > 1
 
