@@ -34,10 +34,10 @@ from dnsguard_helpers import (
     stop_agent,
     wait_for,
 )
-from test_metrics import get, value
-from test_nodelocal import Timeline
 
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.scrape import get, value
+from tests.support.timeline import Timeline
 
 pytestmark = pytest.mark.root
 

@@ -17,30 +17,9 @@ from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 from dnsguard.metrics import SYNC_ERROR_REASONS
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.scrape import get, value
 
 pytestmark = pytest.mark.root
-
-FETCH = r"""
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen("http://127.0.0.1:9253" + sys.argv[1], timeout=5) as r:
-        print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-"""
-
-
-def get(lab: Lab, path: str) -> tuple[int, str]:
-    out = lab.node_run([sys.executable, "-c", FETCH, path], check=False).stdout
-    code, _, body = out.partition("\n")
-    return int(code or 0), body
-
-
-def value(body: str, series: str) -> float:
-    m = re.search(rf"^{re.escape(series)} ([0-9.e+-]+|NaN|\+Inf)$", body, re.M)
-    assert m, f"{series} not exported"
-    return float(m.group(1))
-
 
 @pytest.fixture
 def lab():

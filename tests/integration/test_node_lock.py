@@ -29,9 +29,9 @@ from dnsguard_helpers import (
     stop_agent,
     wait_for,
 )
-from test_nodelocal import Timeline
 
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.timeline import Timeline
 
 pytestmark = pytest.mark.root
 

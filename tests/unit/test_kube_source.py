@@ -32,6 +32,7 @@ from dnsguard.kube import client as kclient
 from dnsguard.kube.extract import service_cluster_ips
 from dnsguard.kube.reflector import Reflector
 from dnsguard.testing.fake_apiserver import FakeApiServer, Fault
+from tests.support.kube import wait_facts
 
 ip = ipaddress.ip_address
 DNS = [("kube-system", "kube-dns")]
@@ -81,19 +82,6 @@ def started(src, server, watchers=3):
     src.start()
     assert server.wait_for(lambda: src.snapshot() is not None and server.watchers >= watchers)
     return src.snapshot()
-
-
-def wait_facts(src, predicate, timeout=1.0):
-    """Facts once ``predicate`` holds, waiting on wait_changed; fails after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        facts = src.snapshot()
-        if facts is not None and predicate(facts):
-            return facts
-        left = end - time.monotonic()
-        if left <= 0:
-            pytest.fail(f"facts did not change within {timeout}s: {facts}")
-        src.wait_changed(left)
 
 
 INITIAL = ClusterFacts(
