@@ -14,7 +14,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import (
+
+from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import (
     VARIANTS,
     dnsguard,
     nodelocal_args,
@@ -24,8 +26,6 @@ from dnsguard_helpers import (
     wait_for,
     without_empty_legacy_tables,
 )
-
-from dnsguard.testing.lab import Lab, LabConfig
 
 pytestmark = pytest.mark.root
 

@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 
 from dnsguard.metrics import SYNC_ERROR_REASONS
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 from tests.support.scrape import get, value
 
 pytestmark = pytest.mark.root

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import (
+
+from dnsguard.model import ALIVE_SECONDS, Family
+from dnsguard.testing.lab import Lab, LabConfig, pod_ip
+from tests.support.lab_helpers import (
     VARIANTS,
     conntrack_to,
     dnsguard,
@@ -27,9 +30,6 @@ from dnsguard_helpers import (
     wait_for,
     without_empty_legacy_tables,
 )
-
-from dnsguard.model import ALIVE_SECONDS, Family
-from dnsguard.testing.lab import Lab, LabConfig, pod_ip
 from tests.support.timeline import Timeline
 
 pytestmark = pytest.mark.root
