@@ -12,6 +12,8 @@ Rules:
 2. Only ``dnsguard.kube`` imports the Kubernetes client library (``kubernetes``).
 3. Only the modules in ``PROCESS_STARTERS`` start processes (import ``subprocess`` or call the
    ``os``/``asyncio`` process functions); a new one must be added there with its reason.
+4. In tests/, no module imports a test module (shared helpers live in tests/support) and none
+   edits ``sys.path`` (pytest puts the repository root there).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+TESTS = Path(__file__).resolve().parents[1]
 
 PURE = ("dnsguard.plan", "dnsguard.model")
 PURE_MUST_NOT_REACH = ("dnsguard.netfilter", "dnsguard.kube", "dnsguard.node", "dnsguard.cache")
@@ -140,6 +143,25 @@ def process_violations(sources: Mapping[str, str],
     return found
 
 
+def hygiene_violations(sources: Mapping[str, str]) -> list[str]:
+    """``module:line`` of imports of a ``test_*`` module and of edits to ``sys.path``."""
+    found: list[str] = []
+    for m in sorted(sources):
+        found += [f"{m}:{line} imports {imported}" for line, imported in imports_of(m, sources)
+                  if imported.rpartition(".")[2].startswith("test_")]
+        for node in ast.walk(ast.parse(sources[m], filename=m)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                target: ast.expr = node.func.value  # sys.path.insert(...), .append(...), ...
+            elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            else:
+                continue
+            if (isinstance(target, ast.Attribute) and target.attr == "path"
+                    and isinstance(target.value, ast.Name) and target.value.id == "sys"):
+                found.append(f"{m}:{node.lineno} edits sys.path")
+    return list(dict.fromkeys(found))  # one line per import statement, not per name
+
+
 @pytest.fixture(scope="module")
 def src() -> dict[str, str]:
     sources = read_tree(SRC)
@@ -159,6 +181,10 @@ def test_only_kube_imports_the_kubernetes_client(src: dict[str, str]) -> None:
 
 def test_only_listed_modules_start_processes(src: dict[str, str]) -> None:
     assert process_violations(src) == []
+
+
+def test_no_test_imports_a_test_module_or_edits_sys_path() -> None:
+    assert hygiene_violations(read_tree(TESTS)) == []
 
 
 def test_every_listed_process_starter_exists_and_still_starts_processes(
@@ -248,3 +274,23 @@ def test_process_rule_fails_when_violated(tmp_path: Path, text: str) -> None:
     tree = _plant(tmp_path, {**_BASE, "dnsguard/node/detect.py": text})
     violations = process_violations(tree, {"dnsguard.netfilter.runner": "seam"})
     assert [v.split(":")[0] for v in violations] == ["dnsguard.node.detect"]
+
+
+@pytest.mark.parametrize("text", [
+    "from test_nodelocal import Timeline\n",
+    "from tests.unit.test_kube_source import wait_facts\n",
+    "import test_metrics\n",
+    "import sys\nsys.path.insert(0, 'integration')\n",
+    "import sys\nsys.path.append('x')\n",
+    "import sys\nsys.path += ['x']\n",
+    "import sys\nsys.path = ['x']\n",
+])
+def test_test_hygiene_rule_fails_when_violated(tmp_path: Path, text: str) -> None:
+    tree = _plant(tmp_path, {"support/kube.py": "import time\n", "unit/test_ok.py": text})
+    assert [v.split(":")[0] for v in hygiene_violations(tree)] == ["unit.test_ok"]
+
+
+def test_test_hygiene_rule_allows_support_and_reading_sys_path(tmp_path: Path) -> None:
+    tree = _plant(tmp_path, {"unit/test_ok.py": "import sys\nfrom tests.support.kube import w\n"
+                                                "print(sys.path)\nx = [*sys.path]\n"})
+    assert hygiene_violations(tree) == []
