@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dnsguard_helpers import dnsguard, status, wait_for
-
 from dnsguard.stats import SLOW_SECONDS
 from dnsguard.testing.lab import Lab, LoadRun, pod_ip
 from dnsguard.testing.lookups import Sample
+from tests.support.lab_helpers import dnsguard, status, wait_for
 
 #: Tools whose reads the "slow table reads" fault slows down (see `SlowReads`).
 READ_TOOLS = ("iptables-nft-save", "ip6tables-nft-save", "iptables-save", "ip6tables-save",

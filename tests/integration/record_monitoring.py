@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dnsguard_helpers import nodelocal_args, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import nodelocal_args, wait_for
 
 SCRAPE_EVERY = 5.0
 #: the labels a ServiceMonitor scrape adds (see deploy/components/monitoring/servicemonitor.yaml)

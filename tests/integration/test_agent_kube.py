@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import dnsguard, fake_api, lock_file, status, stop_agent, wait_for
 
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig, dns_pod_ip
+from tests.support.lab_helpers import dnsguard, fake_api, lock_file, status, stop_agent, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -33,11 +33,11 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import wait_for
 
 from dnsguard.cache.unbound import Unbound
 from dnsguard.config import ForwardZone
 from dnsguard.plan.cache import CacheSpec, render_unbound
+from tests.support.lab_helpers import wait_for
 
 pytestmark = pytest.mark.root
 

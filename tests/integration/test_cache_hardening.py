@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import fake_api, nodelocal_args, stop_agent, wait_for
 
 import dnsguard.plan.cache as cache_plan
 from dnsguard.model import Family
 from dnsguard.plan.cache import CacheSpec, render_unbound
 from dnsguard.testing.lab import NODE_IPS, Lab, LabConfig, dns_pod_ip, pod_ip, service_fqdn
+from tests.support.lab_helpers import fake_api, nodelocal_args, stop_agent, wait_for
 
 pytestmark = pytest.mark.root
 

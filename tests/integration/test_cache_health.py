@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import (
+
+from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import (
     VARIANTS,
     conntrack_to,
     nodelocal_args,
@@ -34,10 +36,8 @@ from dnsguard_helpers import (
     stop_agent,
     wait_for,
 )
-from test_metrics import get, value
-from test_nodelocal import Timeline
-
-from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.scrape import get, value
+from tests.support.timeline import Timeline
 
 pytestmark = pytest.mark.root
 

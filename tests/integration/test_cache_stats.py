@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import dnsguard, nodelocal_args, start_agent, stop_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsguard.cache.stats import QUERY_TYPES, RCODES, CacheStats, CacheStatsCollector
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig, pod_ip
+from tests.support.lab_helpers import dnsguard, nodelocal_args, start_agent, stop_agent, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import VARIANTS, dnsguard, status, without_empty_legacy_tables
 
 from dnsguard.model import Family
 from dnsguard.testing.lab import NODE_IPS, Lab, LabConfig, pod_ip
+from tests.support.lab_helpers import VARIANTS, dnsguard, status, without_empty_legacy_tables
 
 pytestmark = pytest.mark.root
 

@@ -7,13 +7,16 @@ same observe -> diff -> restore -> cleanup path on raw, filter and (nft) every h
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import (
+
+from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import (
     VARIANTS,
     dnsguard,
     nodelocal_args,
@@ -23,8 +26,6 @@ from dnsguard_helpers import (
     wait_for,
     without_empty_legacy_tables,
 )
-
-from dnsguard.testing.lab import Lab, LabConfig
 
 pytestmark = pytest.mark.root
 
@@ -89,12 +90,80 @@ def test_apply_is_exact_idempotent_and_cleanup_restores_every_table(
     assert "dnsguard owned nothing" in again.stdout
 
 
-def test_kube_proxy_resync_keeps_dnsguard_first_in_line(lab: Lab, tmp_path: Path) -> None:
+#: A jump real kube-proxy ensures in filter INPUT, a built-in chain dnsguard hooks too (the lab's
+#: kube-proxy only jumps from nat chains and filter FORWARD, which dnsguard never hooks).
+_KUBE_NODEPORTS_JUMP = ("-m", "comment", "--comment", "kubernetes health check service ports",
+                        "-j", "KUBE-NODEPORTS")
+
+
+def _first_rules(lab: Lab, tool: str) -> dict[str, str]:
+    """Built-in chain -> its first rule, for each chain of raw/filter that dnsguard hooks."""
+    first: dict[str, str] = {}
+    for table, chain in (("raw", "PREROUTING"), ("raw", "OUTPUT"),
+                         ("filter", "INPUT"), ("filter", "OUTPUT")):
+        rules = lab.node_run([tool, "-w", "-t", table, "-S", chain]).stdout.splitlines()
+        first[f"{table} {chain}"] = rules[1] if len(rules) > 1 else ""  # rules[0] is "-P ..."
+    return first
+
+
+#: Netfilter's conntrack hook priority: NOTRACK only works in a chain that runs before it.
+_NF_PRI_CONNTRACK = -200
+
+
+def _hook_prios(lab: Lab) -> dict[tuple[str, str], dict[str, int]]:
+    """(family, hook) -> "table/chain" -> priority, for prerouting/output base chains."""
+    doc = json.loads(lab.node_run(["nft", "-j", "list", "chains"]).stdout)
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for item in doc["nftables"]:
+        chain = item.get("chain")
+        if chain and chain.get("hook") in ("prerouting", "output"):
+            fams = ("ip", "ip6") if chain["family"] == "inet" else (chain["family"],)
+            for fam in fams:
+                out.setdefault((fam, chain["hook"]), {})[
+                    f"{chain['table']}/{chain['name']}"] = int(chain["prio"])
+    return out
+
+
+def test_kube_proxy_resync_keeps_dnsguard_first_in_line(
+        lab: Lab, variant: str, tmp_path: Path) -> None:
+    """dnsguard's rules run before kube-proxy's wherever both hook the same place.
+
+    iptables: after kube-proxy's resync, and after kube-proxy inserts one of its own jumps at
+    rule 1 of a chain dnsguard hooks (as its ensure-rule does when the jump is missing),
+    `status` reports the drift and `apply` puts dnsguard's jump first again, leaving
+    kube-proxy's jump in place. nftables: the tables are separate, so "first" is the hook
+    priority; dnsguard's notrack must run before kube-proxy's DNAT on prerouting and output.
+    """
     args = nodelocal_args(lab, tmp_path)
     assert dnsguard(lab, "apply", *args).returncode == 0
     lab.resync_kube_proxy()
     assert status(lab, args)["in_sync"] is True
-    dnsguard(lab, "cleanup", "--state-dir", str(tmp_path))
+    if variant == "nftables":
+        prios = _hook_prios(lab)
+        assert set(prios) == {(f, h) for f in ("ip", "ip6") for h in ("prerouting", "output")}
+        for (_, hook), chains in prios.items():
+            # the notrack chain (dnsguard's accept chains are filter-*: their order is moot)
+            ours = chains[f"dnsguard/raw-{hook}"]
+            theirs = [p for name, p in chains.items() if name.startswith("kube-proxy/")]
+            assert theirs and ours < _NF_PRI_CONNTRACK < min(theirs), chains
+    else:
+        tool = "iptables-legacy" if variant.endswith("legacy") else "iptables-nft"
+        ours = {f"{t} {c}": f"-A {c} -m comment --comment \"dnsguard: hook DNSGUARD-{c}\" "
+                f"-j DNSGUARD-{c}" for t, c in (("raw", "PREROUTING"), ("raw", "OUTPUT"),
+                                              ("filter", "INPUT"), ("filter", "OUTPUT"))}
+        assert _first_rules(lab, tool) == ours
+        lab.node_run([tool, "-w", "-t", "filter", "-N", "KUBE-NODEPORTS"])
+        lab.node_run([tool, "-w", "-t", "filter", "-I", "INPUT", "1", *_KUBE_NODEPORTS_JUMP])
+        assert _first_rules(lab, tool)["filter INPUT"].endswith("-j KUBE-NODEPORTS")
+        st = status(lab, args)
+        assert st["in_sync"] is False
+        assert "INPUT: dnsguard's jump is rule 2, not first" in json.dumps(st["drift"]), st
+        assert dnsguard(lab, "apply", *args).returncode == 0
+        assert _first_rules(lab, tool) == ours
+        assert lab.node_run([tool, "-w", "-t", "filter", "-C", "INPUT", *_KUBE_NODEPORTS_JUMP],
+                            check=False).returncode == 0  # kube-proxy's jump is left alone
+        assert status(lab, args)["in_sync"] is True
+    assert dnsguard(lab, "cleanup", "--state-dir", str(tmp_path)).returncode == 0
 
 
 def _log_time(text: str, needle: str, after: float) -> float:

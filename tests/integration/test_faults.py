@@ -22,7 +22,7 @@ What each fault must show:
   names, a private zone and an override of a public name, with a node resolver that knows
   none of them.
 
-The agent runs node-local with the flags of dnsguard_helpers.nodelocal_args. Labs are shared
+The agent runs node-local with the flags of tests.support.lab_helpers.nodelocal_args. Labs are shared
 by the tests of one backend (module scope); each test starts its own agent and leaves the node
 as it found it (agent stopped, ``dnsguard cleanup``, rules compared with the snapshot taken
 before any agent ran).
@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import VARIANTS, fake_api, nodelocal_args, wait_for
 from fault_support import (
     Agent,
     Answer,
@@ -69,6 +68,7 @@ from dnsguard.testing.lab import (
     service_addresses,
     service_fqdn,
 )
+from tests.support.lab_helpers import VARIANTS, fake_api, nodelocal_args, wait_for
 
 pytestmark = pytest.mark.root
 

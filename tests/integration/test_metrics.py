@@ -12,35 +12,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 
 from dnsguard.metrics import SYNC_ERROR_REASONS
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import nodelocal_args, start_agent, stop_agent, wait_for
+from tests.support.scrape import get, value
 
 pytestmark = pytest.mark.root
-
-FETCH = r"""
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen("http://127.0.0.1:9253" + sys.argv[1], timeout=5) as r:
-        print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-"""
-
-
-def get(lab: Lab, path: str) -> tuple[int, str]:
-    out = lab.node_run([sys.executable, "-c", FETCH, path], check=False).stdout
-    code, _, body = out.partition("\n")
-    return int(code or 0), body
-
-
-def value(body: str, series: str) -> float:
-    m = re.search(rf"^{re.escape(series)} ([0-9.e+-]+|NaN|\+Inf)$", body, re.M)
-    assert m, f"{series} not exported"
-    return float(m.group(1))
-
 
 @pytest.fixture
 def lab():
@@ -76,12 +55,25 @@ def test_metrics_and_health_follow_the_node(lab: Lab, tmp_path: Path) -> None:
                                'dnsguard_probe_duration_seconds_count{target="local"}') >= 3,
                  timeout=10)
 
-        # the cache dies: not ready, fail-open counted, then back
+        # the cache hangs: not ready (503, saying why) for as long as it hangs, yet alive (a
+        # hung cache must not get the agent restarted), then ready again once it answers.
+        # SIGSTOP, not a kill: a killed cache is restarted within a beat, too short a 503 to see
         # (the flush above withdrew the ClusterIP, whose health query it made unanswerable, for
         # a beat or two: intercepting again first)
         wait_for(lambda: get(lab, "/readyz")[0] == 200, timeout=10)
-        opened = value(get(lab, "/metrics")[1], "dnsguard_cache_fail_open_total")
         pid = int(re.search(r"pid (\d+)", (tmp_path / "agent.log").read_text()).group(1))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: get(lab, "/readyz")[0] == 503, timeout=10)
+            code, why = get(lab, "/readyz")
+            assert (code, why.startswith("cache not intercepting:")) == (503, True), why
+            assert get(lab, "/healthz")[0] == 200
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: get(lab, "/readyz")[0] == 200, timeout=10)
+
+        # the cache dies: fail-open counted, restarted, then ready again
+        opened = value(get(lab, "/metrics")[1], "dnsguard_cache_fail_open_total")
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: value(get(lab, "/metrics")[1],
                                "dnsguard_cache_fail_open_total") == opened + 1, timeout=5)

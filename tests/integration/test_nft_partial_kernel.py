@@ -25,7 +25,7 @@ from dnsguard.netfilter.errors import RestoreFailed
 from dnsguard.netfilter.nft import NftBackend, parse_table
 from dnsguard.netfilter.runner import Completed, SubprocessRunner
 from dnsguard.plan import Plan
-from tests.unit.test_nft_partial import (
+from tests.support.external import (
     NODELOCAL_EXT,
     chains_of,
     ip,

@@ -19,7 +19,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from dnsguard_helpers import (
+
+from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import (
     VARIANTS,
     dnsguard,
     lock_file,
@@ -29,9 +31,7 @@ from dnsguard_helpers import (
     stop_agent,
     wait_for,
 )
-from test_nodelocal import Timeline
-
-from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.timeline import Timeline
 
 pytestmark = pytest.mark.root
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
-from dnsguard_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 
 from dnsguard.model import ProxyMode
 from dnsguard.testing.lab import Lab, LabConfig
+from tests.support.lab_helpers import nodelocal_args, start_agent, stop_agent, wait_for
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("prometheus") is None,

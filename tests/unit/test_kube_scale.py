@@ -38,7 +38,7 @@ import pytest
 from dnsguard.kube import Backoff, KubeSource
 from dnsguard.model import ExternalService, IPAddress, Proto, ServicePort
 from dnsguard.testing.fake_apiserver import FakeApiServer
-from tests.unit.test_kube_source import wait_facts
+from tests.support.kube import wait_facts
 
 N = 10_000
 ip = ipaddress.ip_address

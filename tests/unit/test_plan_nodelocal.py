@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import pickle
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,7 +241,23 @@ def test_unbound_config_is_deterministic_and_accepted_by_unbound(tmp_path: Path)
     assert p.cache is not None
     text = render_unbound(p.cache, Path("/run/dnsguard"))
     assert text == (GOLDEN / "unbound-iptables.conf").read_text()
+    # Rendered again, in processes with other hash seeds: the spec is unpickled there, so any
+    # set it holds iterates in another order, and the text must not change (the supervisor
+    # tells "changed" from "re-rendered" by comparing it).
+    for seed in ("1", "2"):
+        again = subprocess.run(
+            [sys.executable, "-c", _RENDER_PICKLED], input=pickle.dumps(p.cache),
+            capture_output=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert again.stdout.decode() == text
     _checkconf(tmp_path, render_unbound(p.cache, tmp_path))
+
+
+_RENDER_PICKLED = """
+import pickle, sys
+from pathlib import Path
+from dnsguard.plan.cache import render_unbound
+sys.stdout.write(render_unbound(pickle.load(sys.stdin.buffer), Path("/run/dnsguard")))
+"""
 
 
 

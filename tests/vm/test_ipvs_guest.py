@@ -12,24 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
-from dnsguard_helpers import (
-    dnsguard,
-    fake_api,
-    nodelocal_args,
-    start_agent,
-    status,
-    stop_agent,
-    wait_for,
-    without_empty_legacy_tables,
-)
 
 from dnsguard.model import ALIVE_SECONDS, Family, ProxyMode
 from dnsguard.testing.fake_apiserver import service_object
@@ -41,6 +28,16 @@ from dnsguard.testing.lab import (
     dns_pod_ip,
     service_addresses,
     service_fqdn,
+)
+from tests.support.lab_helpers import (
+    dnsguard,
+    fake_api,
+    nodelocal_args,
+    start_agent,
+    status,
+    stop_agent,
+    wait_for,
+    without_empty_legacy_tables,
 )
 
 pytestmark = pytest.mark.skipif(os.environ.get("DNSGUARD_VM") != "1",

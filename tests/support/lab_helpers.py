@@ -159,7 +159,7 @@ def fake_api(lab: Lab, kubeconfig: Path) -> Iterator[ApiCall]:
     It must run there: the agent reaches it on 127.0.0.1 of that namespace. Each call names a
     `FakeApiServer` method and its JSON arguments, and waits for the server's ``ok``.
     """
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1] / "integration"  # fake_api_proc.py's home
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
