@@ -13,7 +13,9 @@ and dnsguard's node-local path, with its defaults and without the per-client rat
 (`CLIENT_PATHS`). Reported per kind and path: lookups/s (and its ratio to the
 same kind on the baseline path, measured minutes apart in the same run), failed lookups,
 lookups >= 1 s and >= 5 s, latency percentiles, conntrack entries to the ClusterIP left by the
-run, and the DNS servers' receive-buffer drops.
+run, and the DNS servers' receive-buffer drops. Then DNS-OARC's ``dnsperf`` (Debian package)
+from one pod at fixed offered rates (``-Q``, `DNSPERF_RATES`) on every path: answered qps,
+queries lost, latency, conntrack entries to the ClusterIP.
 
 The parsing, merging and report rows are pure and unit-tested (tests/unit); `measure` is the
 only part that touches namespaces. The client stops by itself: no lookup starts after its
@@ -27,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import time
@@ -42,15 +45,24 @@ from bench.spec import BASELINE, PATHS
 from dnsguard.testing.lab import LabError
 
 __all__ = [
+    "CLIENT_PATHS",
     "KINDS",
     "ClientOutput",
+    "ClientPath",
     "ClientStats",
     "build",
+    "compile_argv",
     "count_to",
+    "describe",
+    "dnsperf_data",
+    "dnsperf_rows",
+    "hist_percentile",
     "measure",
     "merge",
+    "parse_dnsperf",
     "render",
     "rows",
+    "run_clients",
 ]
 
 log = logging.getLogger("bench.clients")
@@ -87,6 +99,20 @@ SECONDS = 8.0
 GRACE = 30.0
 #: Seconds between spawning the clients and their agreed start.
 START_LEAD = 1.0
+#: dnsperf's fixed offered rates (``-Q``), seconds per rate, simulated clients (sockets),
+#: queries outstanding at most, per-query timeout: from one pod, every path, rates interleaved.
+DNSPERF_RATES = (10_000, 20_000, 40_000, 80_000, 160_000)
+DNSPERF_SECONDS = 4.0
+DNSPERF_CLIENTS = 16
+DNSPERF_OUTSTANDING = 2000
+DNSPERF_TIMEOUT = 2.0
+
+
+def describe() -> str:
+    """One line for ``python -m bench --list``."""
+    return (f"clients: {', '.join(KINDS)} getaddrinfo, {PODS} pods x {THREADS} threads x "
+            f"{SECONDS:g}s on {', '.join(p.name for p in CLIENT_PATHS)}; dnsperf -Q "
+            f"{', '.join(f'{r:,}' for r in DNSPERF_RATES)} x {DNSPERF_SECONDS:g}s")
 
 
 def compile_argv(kind: str, out: Path) -> list[str]:
@@ -284,6 +310,42 @@ def count_to(conntrack_list: str, ip: str) -> int:
     return n
 
 
+def dnsperf_data(names: Sequence[str]) -> str:
+    """dnsperf's input: every absolute name of the mix, A then AAAA (dnsperf sends names as
+    given, with no search list, so short names would only measure NXDOMAIN)."""
+    fqdns = [n for n in names if n.endswith(".")]
+    if not fqdns:
+        raise ValueError("dnsperf needs absolute names (ending in a dot)")
+    return "".join(f"{n} {t}\n" for n in fqdns for t in ("A", "AAAA"))
+
+
+_DNSPERF_FIELDS = {
+    "sent": (r"Queries sent:\s+(\d+)", int),
+    "completed": (r"Queries completed:\s+(\d+)", int),
+    "lost": (r"Queries lost:\s+(\d+)", int),
+    "qps": (r"Queries per second:\s+([\d.]+)", float),
+    "avg_latency": (r"Average Latency \(s\):\s+([\d.]+)", float),
+    "max_latency": (r"Average Latency \(s\):.*max ([\d.]+)\)", float),
+    "latency_stddev": (r"Latency StdDev \(s\):\s+([\d.]+)", float),
+}
+
+
+def parse_dnsperf(text: str) -> dict[str, float | int]:
+    """dnsperf's closing statistics -> numbers; a missing field is a ValueError (a run that
+    printed no statistics must not read as zero loss)."""
+    out: dict[str, float | int] = {}
+    for key, (pattern, conv) in _DNSPERF_FIELDS.items():
+        m = re.search(pattern, text)
+        if m is None:
+            if key == "latency_stddev":
+                continue
+            raise ValueError(f"dnsperf output lacks {key!r}")
+        out[key] = conv(m.group(1))
+    if out["completed"] + out["lost"] != out["sent"]:
+        raise ValueError("dnsperf output: completed + lost != sent")
+    return out
+
+
 # ------------------------------------------------------------------------------ report
 
 HEADER = ["client", "path", "lookups/s", "vs kube-proxy", "failed", ">= 1 s", ">= 5 s",
@@ -293,6 +355,11 @@ HEADER = ["client", "path", "lookups/s", "vs kube-proxy", "failed", ">= 1 s", ">
 
 def _title(path: str) -> str:
     return next((p.title for p in CLIENT_PATHS if p.name == path), path)
+
+
+def _rcvbuf(run: Mapping[str, Any]) -> str:
+    rcv = run.get("rcvbuf_errors") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(rcv.items())) or "n/a"
 
 
 def rows(section: Mapping[str, Any]) -> list[list[str]]:
@@ -308,7 +375,6 @@ def rows(section: Mapping[str, Any]) -> list[list[str]]:
                         r.get("reason", "")[:120]] + [""] * (len(HEADER) - 4))
             continue
         s = r["stats"]
-        rcv = r.get("rcvbuf_errors") or {}
         out.append([
             f"{r['kind']} ({s['pods']} pods x {s['threads']} threads)", _title(r["path"]),
             f"{s['lookups_per_second']:,.0f}",
@@ -318,7 +384,38 @@ def rows(section: Mapping[str, Any]) -> list[list[str]]:
             fmt_latency(s["max_seconds"]),
             "n/a" if r.get("conntrack_to_cluster_ip") is None
             else f"{r['conntrack_to_cluster_ip']:,}",
-            ", ".join(f"{k} {v}" for k, v in sorted(rcv.items())) or "n/a",
+            _rcvbuf(r),
+        ])
+    return out
+
+
+DNSPERF_HEADER = ["offered qps (-Q)", "path", "answered qps", "vs kube-proxy", "lost",
+                  "lost per million", "avg latency", "max latency",
+                  "conntrack entries to ClusterIP", "RcvbufErrors"]
+
+
+def dnsperf_rows(section: Mapping[str, Any]) -> list[list[str]]:
+    """One row per offered rate and path; the ratio is answered qps against kube-proxy's path
+    at the same offered rate in the same run."""
+    runs = section.get("dnsperf", [])
+    base = {r["rate"]: r["result"]["qps"] for r in runs
+            if r.get("status") == "ok" and r["path"] == BASELINE}
+    out = []
+    for r in runs:
+        if r.get("status") != "ok":
+            out.append([f"{r['rate']:,}", _title(r["path"]), r.get("status", "?"),
+                         r.get("reason", "")[:120]] + [""] * (len(DNSPERF_HEADER) - 4))
+            continue
+        res = r["result"]
+        per_million = res["lost"] * 1e6 / res["sent"] if res["sent"] else None
+        out.append([
+            f"{r['rate']:,}", _title(r["path"]), f"{res['qps']:,.0f}",
+            fmt_ratio(ratio(res["qps"], base.get(r["rate"]))), f"{res['lost']:,}",
+            "-" if per_million is None else f"{per_million:,.0f}",
+            fmt_latency(res["avg_latency"]), fmt_latency(res["max_latency"]),
+            "n/a" if r.get("conntrack_to_cluster_ip") is None
+            else f"{r['conntrack_to_cluster_ip']:,}",
+            _rcvbuf(r),
         ])
     return out
 
@@ -342,6 +439,17 @@ def render(doc: Mapping[str, Any]) -> str:
         text.append(f"- {kind}: skipped, {why}\n")
     if section.get("runs"):
         text.append(markdown_table(HEADER, rows(section), "ll" + "r" * (len(HEADER) - 2)))
+    if section.get("dnsperf_skipped"):
+        text.append(f"dnsperf: skipped, {section['dnsperf_skipped']}\n")
+    if section.get("dnsperf"):
+        text.append(
+            f"### Capacity: dnsperf at fixed rates\n\nDNS-OARC `dnsperf` from one pod, "
+            f"{section.get('dnsperf_clients')} clients (sockets), at most "
+            f"{section.get('dnsperf_outstanding')} queries outstanding, "
+            f"{section.get('dnsperf_seconds')} s per rate, the scenarios' absolute names "
+            f"(A and AAAA); lost: no answer within {section.get('dnsperf_timeout')} s.\n")
+        text.append(markdown_table(DNSPERF_HEADER, dnsperf_rows(section),
+                                   "rl" + "r" * (len(DNSPERF_HEADER) - 2)))
     return "\n".join(text)
 
 
@@ -398,6 +506,16 @@ def measure(workdir: Path, iptables: str, names: Sequence[str]) -> dict[str, Any
         for kind, binary in binaries.items():
             for name in nodes:
                 section["runs"].append(_one(nodes, name, kind, binary, names))
+        if shutil.which("dnsperf") is None:
+            section["dnsperf_skipped"] = "dnsperf not installed (scripts/install-deps --dev)"
+        else:
+            data = workdir / "dnsperf.txt"
+            data.write_text(dnsperf_data(names))
+            section.update(dnsperf_clients=DNSPERF_CLIENTS,
+                           dnsperf_outstanding=DNSPERF_OUTSTANDING,
+                           dnsperf_seconds=DNSPERF_SECONDS, dnsperf_timeout=DNSPERF_TIMEOUT,
+                           dnsperf=[_dnsperf(nodes, name, rate, data)
+                                    for rate in DNSPERF_RATES for name in nodes])
     finally:
         for node in nodes.values():
             node.close()
@@ -426,3 +544,33 @@ def _one(nodes: Mapping[str, PathNode], path: str, kind: str, binary: Path,
             "conntrack": counter_deltas(before.conntrack, after.conntrack, CT_COUNTERS),
             "rcvbuf_errors": {k: v - before.rcvbuf.get(k, 0) for k, v in after.rcvbuf.items()}}
 
+
+def _dnsperf(nodes: Mapping[str, PathNode], path: str, rate: int,
+             data: Path) -> dict[str, Any]:
+    """One fixed-rate dnsperf run from pod 0 of a path's node; bounded by ``-l`` and the
+    timeout, and killed if it overruns both by 30 s."""
+    node = nodes[path]
+    log.info("dnsperf: %d qps on %s", rate, path)
+    for other in nodes.values():
+        other.flush_conntrack()
+    argv = ["dnsperf", "-s", node.server, "-d", str(data), "-c", str(DNSPERF_CLIENTS),
+            "-l", f"{DNSPERF_SECONDS:g}", "-Q", str(rate), "-q", str(DNSPERF_OUTSTANDING),
+            "-t", f"{DNSPERF_TIMEOUT:g}"]
+    entry: dict[str, Any] = {"path": path, "rate": rate}
+    try:
+        before = node.snapshot()
+        cp = node.lab.pod_run(0, argv, check=False,
+                              timeout=DNSPERF_SECONDS + DNSPERF_TIMEOUT + 30)
+        after = node.snapshot()
+        if cp.returncode != 0:
+            raise LabError(f"dnsperf exited {cp.returncode}: {cp.stderr.strip()[-300:]}")
+        entry["result"] = parse_dnsperf(cp.stdout)
+        entry["conntrack_to_cluster_ip"] = _conntrack_to(node)
+        entry["rcvbuf_errors"] = {k: v - before.rcvbuf.get(k, 0)
+                                  for k, v in after.rcvbuf.items()}
+    except (LabError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.error("dnsperf on %s failed: %s", path, exc)
+        return {**entry, "status": "failed", "reason": str(exc)}
+    res = entry["result"]
+    log.info("  %.0f qps answered, %d lost", res["qps"], res["lost"])
+    return {**entry, "status": "ok"}

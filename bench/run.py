@@ -533,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"footprint {prof.footprint_seconds:g}s; vm {prof.vm_lookups} lookups/pod")
         print(f"external: {prof.external_services} Services, kakao-style samples of up to "
               f"{prof.external_sample} Services or {prof.external_sample_seconds:g}s")
+        print(realclients.describe())
         return 0
     if args.only:
         args.skip = [p for p in PARTS if p not in args.only]

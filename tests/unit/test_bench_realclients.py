@@ -16,8 +16,11 @@ from bench.realclients import (
     build,
     compile_argv,
     count_to,
+    dnsperf_data,
+    dnsperf_rows,
     hist_percentile,
     merge,
+    parse_dnsperf,
     render,
     rows,
 )
@@ -143,3 +146,67 @@ def test_build_records_a_missing_compiler(tmp_path: Path,
     built, skipped = build(tmp_path)
     assert built == {}
     assert set(skipped) == {"glibc", "musl"} and "not installed" in skipped["musl"]
+
+
+DNSPERF_OUT = """\
+[Status] Testing complete (time limit)
+
+Statistics:
+
+  Queries sent:         10000
+  Queries completed:    9990 (99.90%)
+  Queries lost:         10 (0.10%)
+
+  Response codes:       NOERROR 9990 (100.00%)
+  Average packet size:  request 49, response 71
+  Run time (s):         2.000140
+  Queries per second:   4994.650024
+
+  Average Latency (s):  0.000049 (min 0.000012, max 0.003799)
+  Latency StdDev (s):   0.000129
+"""
+
+
+def test_parses_dnsperf_statistics() -> None:
+    res = parse_dnsperf(DNSPERF_OUT)
+    assert (res["sent"], res["completed"], res["lost"]) == (10000, 9990, 10)
+    assert res["qps"] == pytest.approx(4994.650024)
+    assert res["avg_latency"] == pytest.approx(0.000049)
+    assert res["max_latency"] == pytest.approx(0.003799)
+
+
+@pytest.mark.parametrize("text", [
+    "",                                                        # no statistics printed
+    DNSPERF_OUT.replace("Queries lost:         10", "Queries lost:         0"),
+    DNSPERF_OUT.replace("  Queries per second:   4994.650024\n", ""),
+])
+def test_dnsperf_output_without_consistent_statistics_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_dnsperf(text)
+
+
+def test_dnsperf_data_uses_absolute_names_only() -> None:
+    data = dnsperf_data(["svc-0", "svc-0.default", "svc-0.default.svc.cluster.local."])
+    assert data == ("svc-0.default.svc.cluster.local. A\n"
+                    "svc-0.default.svc.cluster.local. AAAA\n")
+    with pytest.raises(ValueError):
+        dnsperf_data(["svc-0"])
+
+
+def test_dnsperf_rows_ratio_at_the_same_offered_rate() -> None:
+    def res(qps: float, lost: int) -> dict[str, Any]:
+        return {"sent": 100_000, "completed": 100_000 - lost, "lost": lost, "qps": qps,
+                "avg_latency": 0.001, "max_latency": 0.2}
+    sec = {"dnsperf": [
+        {"path": "iptables", "rate": 40000, "status": "ok", "result": res(30000, 500),
+         "conntrack_to_cluster_ip": 16, "rcvbuf_errors": {"dnsmasq": 500}},
+        {"path": "nodelocal-iptables-qps0", "rate": 40000, "status": "ok",
+         "result": res(39000, 0), "conntrack_to_cluster_ip": 0},
+        {"path": "iptables", "rate": 80000, "status": "failed", "reason": "dnsperf exited 1"},
+    ]}
+    r = dnsperf_rows(sec)
+    assert r[0][3] == "1.00x" and r[0][5] == "5,000" and r[0][8] == "16"
+    assert r[0][9] == "dnsmasq 500" and r[1][9] == "n/a"
+    assert r[1][3] == "1.30x" and r[1][5] == "0"
+    assert r[2][2] == "failed"
+    assert "### Capacity: dnsperf" in render({"clients": sec})
