@@ -130,6 +130,36 @@ def _pids_in(netns: str) -> list[int]:
     return [int(p) for p in cp.stdout.split() if p.isdigit()]
 
 
+def last_lines(procs: Sequence[subprocess.Popen[str]], deadline: float,
+               what: str) -> tuple[list[str], list[str]]:
+    """Wait for load processes (one per pod, in pod order) until the wall-clock ``deadline``:
+    (the last stdout line of each that exited 0 with one, problems of the others). One that
+    overruns is killed by its Popen, and so is any left running if this is interrupted: loads
+    are bounded even when a process is not."""
+    lines: list[str] = []
+    problems: list[str] = []
+    try:
+        for i, p in enumerate(procs):
+            try:
+                out, err = p.communicate(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                problems.append(f"pod{i}: {what} overran its bounds and was killed")
+                continue
+            line = out.strip().splitlines()[-1] if out.strip() else ""
+            if p.returncode != 0 or not line:
+                problems.append(f"pod{i}: {what} exited {p.returncode}: {err.strip()[-400:]}")
+                continue
+            lines.append(line)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return lines, problems
+
+
 def worker_env() -> dict[str, str]:
     """Environment for processes started in pods: the repo (bench) and src (dnsguard)."""
     env = dict(os.environ)
@@ -261,22 +291,9 @@ class PathNode:
             if event is not None:
                 time.sleep(max(0.0, start_at + event_at - time.time()))
                 event()
-            deadline = start_at + load.duration + timeout + 30.0
-            outputs: list[WorkerOutput] = []
-            problems: list[str] = []
-            for i, p in enumerate(procs):
-                try:
-                    out, err = p.communicate(timeout=max(deadline - time.time(), 0.1))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.communicate()
-                    problems.append(f"pod{i}: worker overran its bounds and was killed")
-                    continue
-                line = out.strip().splitlines()[-1] if out.strip() else ""
-                if p.returncode != 0 or not line:
-                    problems.append(f"pod{i}: worker exited {p.returncode}: {err.strip()[-400:]}")
-                    continue
-                outputs.append(WorkerOutput.from_json(line))
+            lines, problems = last_lines(procs, start_at + load.duration + timeout + 30.0,
+                                         "worker")
+            outputs = [WorkerOutput.from_json(line) for line in lines]
         finally:
             for p in procs:
                 if p.poll() is None:

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import external, footprint, plots, report, rulesync, targets
+from bench import external, footprint, plots, realclients, report, rulesync, targets
 from bench.ipvs import run_in_vm
 from bench.node import ANSWER_TTL, PathNode, Snapshot, worker_env
 from bench.results import CT_COUNTERS, WorkerOutput, counter_deltas, summarize_load
@@ -67,7 +67,7 @@ QUIET_WAIT = 90.0
 #: Node name the fake Kubernetes API publishes for the footprint's API-driven agent.
 API_NODE = "bench-node"
 #: The parts of a run that --skip and --only name.
-PARTS = ("scenarios", "rulesync", "footprint", "external", "vm")
+PARTS = ("scenarios", "rulesync", "footprint", "external", "vm", "clients")
 TOOLS = ("ip", "dnsmasq", "dig", "conntrack", "nft", "unbound", "iptables-nft-restore",
          "iptables-legacy-restore")
 
@@ -413,6 +413,10 @@ class Bench:
     def external(self, workdir: Path) -> None:
         self.doc["external"] = external.measure(self.prof, workdir / "external")
 
+    def clients(self, workdir: Path) -> None:
+        self.doc["clients"] = realclients.measure(workdir / "clients", self.args.iptables,
+                                                  self.names)
+
     def vm(self) -> None:
         reason = "left out of --quick (it alone takes 2-4 minutes)" \
             if self.prof.vm_lookups == 0 else vm.available()
@@ -501,7 +505,7 @@ def write_outputs(doc: dict[str, Any], out: Path, stem: str) -> list[Path]:
         files += pngs
     else:
         doc.setdefault("notes", []).append(f"plots skipped: {reason}")
-    files[1].write_text(report.render(doc) + _plot_links(doc))
+    files[1].write_text(report.render(doc) + realclients.render(doc) + _plot_links(doc))
     files[0].write_text(json.dumps(doc, indent=1) + "\n")
     return files
 
@@ -529,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"footprint {prof.footprint_seconds:g}s; vm {prof.vm_lookups} lookups/pod")
         print(f"external: {prof.external_services} Services, kakao-style samples of up to "
               f"{prof.external_sample} Services or {prof.external_sample_seconds:g}s")
+        print(realclients.describe())
         return 0
     if args.only:
         args.skip = [p for p in PARTS if p not in args.only]
@@ -564,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _phase(bench, "external", lambda: bench.external(workdir))
         if "vm" not in args.skip:
             _phase(bench, "vm", bench.vm)
+        if "clients" not in args.skip:
+            _phase(bench, "clients", lambda: bench.clients(workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     bench.doc["seconds"] = round(time.monotonic() - started, 1)
