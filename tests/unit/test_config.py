@@ -159,5 +159,5 @@ def test_cache_client_qps_is_a_whole_number(raw: str) -> None:
 
 
 def test_cache_client_qps_defaults_to_a_generous_limit() -> None:
-    assert parse([]).cache_client_qps == 10000
+    assert parse([]).cache_client_qps == 100000
     assert parse([], {"DNSGUARD_CACHE_CLIENT_QPS": "0"}).cache_client_qps == 0
