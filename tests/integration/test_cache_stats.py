@@ -51,7 +51,11 @@ def lab():
 
 
 def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Path) -> None:
-    args = [*nodelocal_args(lab, tmp_path / "state"), "--metrics-address", "127.0.0.1:9253"]
+    # example.org goes to the first DNS pod alone, over UDP (a --forward-zone): one upstream whose
+    # stop the cache cannot route around, and whose timeouts unbound counts per query
+    zone_ep = lab.dns_endpoints[0]
+    args = [*nodelocal_args(lab, tmp_path / "state"), "--metrics-address", "127.0.0.1:9253",
+            "--forward-zone", f"example.org={zone_ep}"]
     agent = start_agent(lab, args, tmp_path / "agent.log")
     try:
         wait_for(lambda: get(scrape(lab), "dnsguard_cache_stats_up") == 1, timeout=30)
@@ -71,7 +75,7 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
         for reason in ("exceeded", "overwritten"):
             assert get(start, "dnsguard_cache_requestlist_dropped_total", reason=reason) == 0
         assert get(start, "dnsguard_cache_stats_resets_total") == 0
-        dot = {"zone": ".", "upstream": str(lab.dns_endpoints[0])}
+        dot = {"zone": "example.org.", "upstream": str(zone_ep)}
         assert get(start, "dnsguard_cache_upstream_timeouts_total", **dot) == 0
 
         # traffic: queries, hits and misses move; the hit ratio is computable
@@ -93,10 +97,8 @@ def test_cache_series_follow_traffic_faults_and_restarts(lab: Lab, tmp_path: Pat
         assert "rules       in sync" in view and "intercept   yes" in view
         assert re.search(r"cache       [\d.]+ queries/s, hit ratio", view), view
 
-        # the "." upstreams stop answering: their timeouts and SERVFAILs are counted. "." goes
-        # to every cluster DNS endpoint (the cache answers as the cluster DNS does), so all of
-        # them stop: with one left, unbound would pick it by its RTT and never time out
-        dnsmasqs = [p.pid for p in lab._dns_procs]  # ip netns exec execs dnsmasq: same PID
+        # the zone's upstream stops answering: its timeouts and SERVFAILs are counted
+        dnsmasqs = [lab._dns_procs[0].pid]  # ip netns exec execs dnsmasq: same PID
         for pid in dnsmasqs:
             os.kill(pid, signal.SIGSTOP)
         try:
