@@ -1,5 +1,5 @@
 """doctor's node-local cache findings, from unbound statistics recorded in the lab
-(tests/unit/data/unbound, see test_cache_stats.py) and query-log lines in unbound's format.
+(tests/unit/data/unbound, see test_cache_stats_parsing.py) and query-log lines in unbound's format.
 
 The upstream and drop findings use a recorded window (the "." forwarder frozen). The hit-ratio
 and NXDOMAIN windows are the recorded traffic statistics with the counters a storm moves
