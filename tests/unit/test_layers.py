@@ -294,3 +294,26 @@ def test_test_hygiene_rule_allows_support_and_reading_sys_path(tmp_path: Path) -
     tree = _plant(tmp_path, {"unit/test_ok.py": "import sys\nfrom tests.support.kube import w\n"
                                                 "print(sys.path)\nx = [*sys.path]\n"})
     assert hygiene_violations(tree) == []
+
+
+def duplicate_test_basenames(tests: Path) -> list[str]:
+    """Test modules sharing a basename: without packages, pytest (rootdir-relative module
+    names) refuses the second one at collection and the whole run stops with an error."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} ~ {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    return clashes
+
+
+def test_no_two_test_modules_share_a_basename() -> None:
+    assert duplicate_test_basenames(TESTS) == []
+
+
+def test_basename_rule_fails_when_violated(tmp_path: Path) -> None:
+    for d in ("unit", "integration"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "test_same.py").write_text("")
+    assert duplicate_test_basenames(tmp_path) == ["integration/test_same.py ~ unit/test_same.py"]
