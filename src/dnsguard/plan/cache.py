@@ -136,6 +136,11 @@ def render_unbound(spec: CacheSpec, state_dir: Path) -> str:
         # queries over the limit still get through (unbound's ip-ratelimit-factor default)
         *([f"    ip-ratelimit: {spec.client_qps}"] if spec.client_qps else []),
         "    num-threads: 2",
+        # at most 4 TCP streams per thread to the upstreams (unbound's default is 10), each
+        # carrying many queries (stream reuse): every node holds connections to CoreDNS, so
+        # fewer is kinder to it, and the lab's dnsmasq stand-in serves at most 20 TCP
+        # connections at once (a 21st stalls until one closes: measured in a scratch namespace)
+        "    outgoing-num-tcp: 4",
         # lets the next agent's cache bind beside a draining one during a rolling update
         "    so-reuseport: yes",
         # undersized DNS server receive buffers are a measured source of 5 s tails
