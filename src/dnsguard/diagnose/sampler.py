@@ -20,6 +20,7 @@ report what it can see on a half-broken node.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import threading
 import time
@@ -111,6 +112,28 @@ class Sampler:
         except OSError:
             return 0
 
+    def _window_lines(self, log_at: int) -> tuple[str, ...]:
+        """Query log lines written since offset ``log_at``.
+
+        The agent caps the log (cache.unbound: past 1 MiB its tail moves to ``unbound.log.1``
+        and the log starts again at 0), and a storm fills a megabyte in seconds. A log now
+        shorter than ``log_at`` was cut during the window: the rotated tail is read as well,
+        which may hold some lines from before the window, rather than nothing at all.
+        """
+        if self.cache_log is None:
+            return ()
+        size, log = self._log_size(), self.cache_log
+        data = b""
+        if size < log_at:
+            with contextlib.suppress(OSError):  # no rotated file: only what follows the cut
+                data = log.with_name(log.name + ".1").read_bytes()
+            log_at = 0
+        if size > log_at:
+            with log.open("rb") as f:
+                f.seek(log_at)
+                data += f.read()
+        return tuple(data.decode(errors="replace").splitlines())
+
     def _cache_window(self, before: dict[str, float], log_at: int, seconds: float,
                       notes: list[str]) -> CacheWindow | None:
         assert self.cache_control is not None
@@ -122,11 +145,7 @@ class Sampler:
         except StatsError as exc:
             notes.append(f"node-local cache statistics unavailable at the end ({exc})")
             return None
-        replies: tuple[str, ...] = ()
-        if self.cache_log is not None and self._log_size() > log_at:
-            with self.cache_log.open("rb") as f:  # only what was written during the window
-                f.seek(log_at)
-                replies = tuple(f.read().decode(errors="replace").splitlines())
+        replies = self._window_lines(log_at)
         notes.append(f"node-local cache statistics over the window ({len(upstreams)} "
                      f"upstreams, {len(replies)} query log lines)")
         return CacheWindow(before, after, seconds, upstreams, replies)
